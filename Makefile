@@ -1,0 +1,15 @@
+# The README's two commands: `make demo` (the main job) and `make test` (the test suite).
+# Both first set up .venv (tools/setup_env.sh), which is quick when it is already up to date.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test
+
+setup:
+	VENV=$(VENV) bash tools/setup_env.sh
+
+demo: setup
+	$(PY) tools/run_demo.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest tests $(ARGS)

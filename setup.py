@@ -1,0 +1,29 @@
+#!/usr/bin/env python
+from setuptools import find_packages, setup
+
+setup(
+    name="scalenet_d2",
+    version="0.1.0",
+    description="ScaleNet (Li et al., CVPR 2019) backbones for detectron2",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.8",
+    packages=find_packages(include=["scalenet_d2", "scalenet_d2.*"]),
+    package_data={"scalenet_d2": ["allocations/*.json", "allocations/*.md"]},
+    # detectron2 is deliberately absent: it is not on PyPI, GPU users build it from source
+    # for their CUDA, and tools/setup_env.sh installs a CPU fallback only where none exists.
+    install_requires=[
+        "torch",
+        "torchvision",
+        "fvcore",
+        "pycocotools",
+        # Headless build: the same OpenCV without the system GL/X11 libraries (libGL.so.1)
+        # that opencv-python needs and a bare server often lacks.
+        "opencv-python-headless",
+        "numpy",
+        "matplotlib",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "pytest-timeout"],
+    },
+)
