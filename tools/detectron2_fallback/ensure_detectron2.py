@@ -112,7 +112,7 @@ def fetch_sdist(cache_dir: Path) -> Path:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
              "--no-build-isolation", "-d", tmp, f"{SDIST_NAME}=={SDIST_VERSION}"],
-            check=True,
+            check=True, stdout=sys.stderr,  # our stdout carries only the result
         )
         got = Path(tmp) / SDIST_FILE
         if not got.is_file():
@@ -146,7 +146,7 @@ def build_wheel(out_dir: Path, cache_dir: Path) -> Path:
         subprocess.run(
             [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
              "-w", str(out_dir), str(build)],
-            check=True, stdout=subprocess.DEVNULL,
+            check=True, stdout=sys.stderr,
         )
     wheels = sorted(out_dir.glob(f"detectron2-{FALLBACK_VERSION}-*.whl"))
     if not wheels:
