@@ -22,7 +22,7 @@ inputs_hash() {
 }
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$(inputs_hash)" ] \
-   && "$py" -c "import torch, torchvision, detectron2, scalenet_d2" 2>/dev/null; then
+   && "$py" -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ['torch', 'torchvision', 'detectron2', 'scalenet_d2'])))" 2>/dev/null; then
   echo "setup: $venv is up to date"
   exit 0
 fi
