@@ -1,0 +1,55 @@
+"""ScaleNet (Li et al., CVPR 2019) backbones for detectron2.
+
+`import scalenet_d2` registers with detectron2's BACKBONE_REGISTRY:
+build_scalenet_backbone, build_scalenet_fpn_backbone, build_retinanet_scalenet_fpn_backbone.
+Call `add_scalenet_config(cfg)` before merging a config that uses MODEL.SCALENET.
+"""
+from .allocation import (
+    BUNDLED_ALLOCATIONS,
+    SCALES,
+    STAGE_NAMES,
+    Allocation,
+    AllocationError,
+    StageAllocation,
+    load_allocation,
+)
+from .checkpoint import (
+    EXPECTED_INPUT,
+    CheckpointMismatchError,
+    ScaleNetCheckpointer,
+    convert_published_checkpoint,
+    convert_published_state_dict,
+    infer_allocation,
+)
+from .config import add_scalenet_config
+from .scalenet import (
+    SABottleneck,
+    ScaleAggregation,
+    ScaleNet,
+    build_retinanet_scalenet_fpn_backbone,
+    build_scalenet_backbone,
+    build_scalenet_fpn_backbone,
+)
+
+__all__ = [
+    "add_scalenet_config",
+    "load_allocation",
+    "Allocation",
+    "StageAllocation",
+    "AllocationError",
+    "BUNDLED_ALLOCATIONS",
+    "SCALES",
+    "STAGE_NAMES",
+    "ScaleAggregation",
+    "SABottleneck",
+    "ScaleNet",
+    "build_scalenet_backbone",
+    "build_scalenet_fpn_backbone",
+    "build_retinanet_scalenet_fpn_backbone",
+    "ScaleNetCheckpointer",
+    "CheckpointMismatchError",
+    "EXPECTED_INPUT",
+    "convert_published_checkpoint",
+    "convert_published_state_dict",
+    "infer_allocation",
+]

@@ -1,0 +1,437 @@
+"""Published ImageNet checkpoints -> detectron2, and loading them strictly.
+
+The published layout (torchvision-like) and ours differ only outside the blocks:
+
+    conv1.weight          -> stem.conv1.weight
+    bn1.*                 -> stem.conv1.norm.*
+    layer{L}.{b}.<rest>   -> res{L+1}.{b}.<rest>   (<rest> unchanged: conv1, bn1, conv2.{i}, ...)
+    fc.*                  -> dropped (the ImageNet classifier)
+    *.num_batches_tracked -> dropped (a training counter, not a weight; FrozenBN has none)
+
+`convert_published_checkpoint` writes detectron2's pickle format (as detectron2's
+convert-torchvision-to-d2.py does), marked `"__author__": "scalenet_d2"` and carrying the
+allocation. detectron2's DetectionCheckpointer loads it by suffix matching, but skips a
+tensor whose shape differs with only a warning; `ScaleNetCheckpointer` instead refuses a
+converted checkpoint that does not fit the model's ScaleNet, naming the first mismatching
+key and both shapes.
+
+Input normalisation: the release does not state it. The converted weights are assumed to
+expect the standard PyTorch ImageNet recipe (`EXPECTED_INPUT`): RGB, mean 0.485/0.456/0.406
+and std 0.229/0.224/0.225 of 0-255 pixels, which is the likely one.
+"""
+import logging
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+
+from .allocation import (
+    BUNDLED_ALLOCATIONS,
+    SCALES,
+    STAGE_NAMES,
+    Allocation,
+    AllocationError,
+    StageAllocation,
+    branch_kernel_size,
+    load_allocation,
+)
+from .scalenet import ScaleNet
+
+__all__ = [
+    "SCALENET_AUTHOR",
+    "EXPECTED_INPUT",
+    "CheckpointMismatchError",
+    "published_key_shapes",
+    "to_d2_key",
+    "published_state_dict",
+    "load_published_state_dict",
+    "infer_allocation",
+    "check_published_state_dict",
+    "ConversionResult",
+    "convert_published_state_dict",
+    "convert_published_checkpoint",
+    "ScaleNetCheckpointer",
+]
+
+logger = logging.getLogger(__name__)
+
+SCALENET_AUTHOR = "scalenet_d2"
+
+# What the converted ImageNet weights expect (assumed: the release does not say; see above).
+EXPECTED_INPUT = {
+    "INPUT.FORMAT": "RGB",
+    "MODEL.PIXEL_MEAN": [123.675, 116.28, 103.53],
+    "MODEL.PIXEL_STD": [58.395, 57.12, 57.375],
+}
+
+# Feature side of stage res{k+2} at a 224x224 input: what the published sides are.
+STANDARD_SIDES = (56, 28, 14, 7)
+
+_BN_ENTRIES = ("weight", "bias", "running_mean", "running_var")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not fit the expected ScaleNet; the message names the first mismatch."""
+
+
+# ----------------------------------------------------------------------------- published layout
+def published_key_shapes(allocation: Allocation) -> Dict[str, Tuple[int, ...]]:
+    """Shape of every published key of `allocation`'s network, in network order.
+
+    The classifier (fc.*) and BN's num_batches_tracked are not included.
+    """
+    shapes = {}
+
+    def norm(prefix, channels):
+        for entry in _BN_ENTRIES:
+            shapes[f"{prefix}.{entry}"] = (channels,)
+
+    shapes["conv1.weight"] = (allocation.stem_channels, 3, 7, 7)
+    norm("bn1", allocation.stem_channels)
+    in_channels = allocation.stem_channels
+    for layer, stage in enumerate(allocation.stages, start=1):
+        for b, widths in enumerate(stage.blocks):
+            block = f"layer{layer}.{b}"
+            shapes[f"{block}.conv1.weight"] = (stage.planes, in_channels, 1, 1)
+            norm(f"{block}.bn1", stage.planes)
+            for i, (width, kernel) in enumerate(zip(widths, stage.kernel_sizes)):
+                if width > 0:
+                    shapes[f"{block}.conv2.{i}.weight"] = (width, stage.planes, kernel, kernel)
+                    norm(f"{block}.bn2.{i}", width)
+            shapes[f"{block}.conv3.weight"] = (stage.out_channels, sum(widths), 1, 1)
+            norm(f"{block}.bn3", stage.out_channels)
+            if b == 0:
+                shapes[f"{block}.downsample.0.weight"] = (stage.out_channels, in_channels, 1, 1)
+                norm(f"{block}.downsample.1", stage.out_channels)
+            in_channels = stage.out_channels
+    return shapes
+
+
+def to_d2_key(published_key: str) -> Optional[str]:
+    """The detectron2 name of a published key (relative to the ScaleNet body); None for fc.*."""
+    if published_key.startswith("fc."):
+        return None
+    if published_key == "conv1.weight":
+        return "stem.conv1.weight"
+    if published_key.startswith("bn1."):
+        return "stem.conv1.norm." + published_key[len("bn1."):]
+    match = re.match(r"^layer([1-4])\.(.*)$", published_key)
+    if match:
+        return f"res{int(match.group(1)) + 1}.{match.group(2)}"
+    raise CheckpointMismatchError(
+        f"key {published_key!r} is not in the published ScaleNet layout (conv1, bn1, layer1..layer4, fc)"
+    )
+
+
+def _first_differences(expected: Mapping[str, tuple], found: Mapping[str, tuple]):
+    """(shape mismatches [(key, found, expected)], missing keys, unexpected keys), in order."""
+    mismatched = [(k, found[k], shape) for k, shape in expected.items() if k in found and found[k] != shape]
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    return mismatched, missing, unexpected
+
+
+def _describe_differences(mismatched, missing, unexpected, found_name: str, expected_name: str) -> str:
+    parts = []
+    if mismatched:
+        key, found_shape, expected_shape = mismatched[0]
+        parts.append(
+            f"first mismatching key {key!r}: shape {found_shape} in the {found_name}, "
+            f"{expected_shape} in the {expected_name}"
+        )
+        if len(mismatched) > 1:
+            parts.append(f"{len(mismatched) - 1} more keys differ in shape")
+    if missing:
+        parts.append(f"{len(missing)} keys of the {expected_name} missing from the {found_name} (first: {missing[0]!r})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} keys of the {found_name} not in the {expected_name} (first: {unexpected[0]!r})")
+    return "; ".join(parts)
+
+
+def _shape(value) -> Tuple[int, ...]:
+    return tuple(int(d) for d in value.shape)
+
+
+# ----------------------------------------------------------------------------- reading
+def published_state_dict(obj, source: str = "<checkpoint>") -> Dict[str, torch.Tensor]:
+    """The published state_dict inside a loaded checkpoint: bare, under "state_dict" or
+    "model"; a DataParallel "module." prefix is removed."""
+    if isinstance(obj, Mapping):
+        for wrapper in ("state_dict", "model"):
+            if wrapper in obj and isinstance(obj[wrapper], Mapping):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointMismatchError(
+            f"{source}: expected a state_dict (a dict of tensors), bare or under 'state_dict' or 'model'; "
+            f"got {type(obj).__name__}"
+        )
+    state_dict = {}
+    for key, value in obj.items():
+        if not isinstance(value, (torch.Tensor, np.ndarray)):
+            raise CheckpointMismatchError(f"{source}: entry {key!r} is a {type(value).__name__}; expected a tensor")
+        if isinstance(key, str) and key.startswith("module."):
+            key = key[len("module."):]
+        state_dict[key] = torch.as_tensor(value)
+    return state_dict
+
+
+def load_published_state_dict(path: str, allow_pickle: bool = False) -> Dict[str, torch.Tensor]:
+    """Read a published checkpoint file. Only tensors and plain containers are unpickled
+    unless `allow_pickle` (for trusted files that hold other objects)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as e:
+        raise CheckpointMismatchError(
+            f"{path}: cannot be read with weights_only=True ({str(e).splitlines()[0]}); if you trust the file, "
+            "allow full unpickling (--allow-pickle)"
+        ) from None
+    return published_state_dict(obj, source=path)
+
+
+def infer_allocation(state_dict: Mapping[str, torch.Tensor], source: str = "<state_dict>") -> Allocation:
+    """The allocation a published state_dict was built with, read from its weight shapes.
+
+    Widths come from the conv2.{i} output channels (0 where the branch is absent), planes from
+    conv1, the stem from conv1; the stage sides are the published 56/28/14/7, checked against
+    the branch kernel sizes. A bundled allocation with the same network gives its name.
+    """
+    if "conv1.weight" not in state_dict:
+        raise CheckpointMismatchError(
+            f"{source}: no 'conv1.weight'; expected a published ScaleNet state_dict (conv1, bn1, layer1..layer4, fc)"
+        )
+    stages = []
+    for layer, (stage_name, side) in enumerate(zip(STAGE_NAMES, STANDARD_SIDES), start=1):
+        num_blocks = 0
+        while f"layer{layer}.{num_blocks}.conv1.weight" in state_dict:
+            num_blocks += 1
+        if num_blocks == 0:
+            raise CheckpointMismatchError(f"{source}: no 'layer{layer}.0.conv1.weight'; expected 4 stages layer1..layer4")
+        blocks = []
+        for b in range(num_blocks):
+            if f"layer{layer}.{b}.conv2.weight" in state_dict:
+                raise CheckpointMismatchError(
+                    f"{source}: 'layer{layer}.{b}.conv2.weight' is a single conv, as in ResNet; expected a ScaleNet "
+                    "checkpoint, with one conv2.{i}.weight per scale branch"
+                )
+            widths = []
+            for i in range(len(SCALES)):
+                conv = state_dict.get(f"layer{layer}.{b}.conv2.{i}.weight")
+                if conv is not None and conv.shape[-1] != branch_kernel_size(side, i):
+                    raise CheckpointMismatchError(
+                        f"{source}: 'layer{layer}.{b}.conv2.{i}.weight' has kernel {conv.shape[-1]}, but a {stage_name} "
+                        f"branch {i} of the published network (side {side}) has kernel {branch_kernel_size(side, i)}; "
+                        "give the allocation explicitly"
+                    )
+                widths.append(0 if conv is None else int(conv.shape[0]))
+            blocks.append(tuple(widths))
+        planes = int(state_dict[f"layer{layer}.0.conv1.weight"].shape[0])
+        try:
+            stages.append(StageAllocation(stage_name, planes, side, tuple(blocks)))
+        except AllocationError as e:
+            raise CheckpointMismatchError(f"{source}: cannot infer the allocation: {e}") from None
+    inferred = Allocation(
+        name=os.path.splitext(os.path.basename(source))[0],
+        stem_channels=int(state_dict["conv1.weight"].shape[0]),
+        stages=tuple(stages),
+        provenance={"method": "inferred from the weight shapes of a published-layout checkpoint", "checkpoint": source},
+        source=source,
+    )
+    for name in BUNDLED_ALLOCATIONS:
+        bundled = load_allocation(name)
+        if bundled.same_network(inferred):
+            return bundled
+    return inferred
+
+
+def check_published_state_dict(
+    state_dict: Mapping[str, torch.Tensor], allocation: Allocation, source: str = "<state_dict>"
+) -> None:
+    """Raise CheckpointMismatchError unless `state_dict` is exactly `allocation`'s published
+    layout (besides fc.* and num_batches_tracked)."""
+    found = {
+        k: _shape(v) for k, v in state_dict.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    }
+    differences = _first_differences(published_key_shapes(allocation), found)
+    if any(differences):
+        raise CheckpointMismatchError(
+            f"{source} does not fit allocation {allocation.describe()}: "
+            + _describe_differences(*differences, "checkpoint", "allocation")
+        )
+
+
+# ----------------------------------------------------------------------------- converting
+@dataclass
+class ConversionResult:
+    model: Dict[str, np.ndarray]  # detectron2 names (relative to the ScaleNet body) -> weights
+    allocation: Allocation
+    dropped_classifier: List[Tuple[str, Tuple[int, ...]]] = field(default_factory=list)
+    dropped_counters: int = 0  # BN num_batches_tracked entries
+
+    def checkpoint(self, source: str = "") -> Dict:
+        """detectron2's pickle checkpoint format, marked as ours."""
+        return {
+            "model": self.model,
+            "__author__": SCALENET_AUTHOR,
+            # suffix matching lets plain DetectionCheckpointer load it under any prefix
+            # (backbone. or backbone.bottom_up.); ScaleNetCheckpointer places it exactly
+            "matching_heuristics": True,
+            "scalenet_allocation": self.allocation.to_dict(),
+            "scalenet_source": source,
+            "scalenet_expected_input": dict(EXPECTED_INPUT),
+        }
+
+
+def convert_published_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    allocation=None,
+    source: str = "<state_dict>",
+) -> ConversionResult:
+    """Check a published state_dict against `allocation` (inferred from its shapes when None)
+    and rename it to detectron2's ScaleNet keys."""
+    state_dict = published_state_dict(state_dict, source)
+    allocation = infer_allocation(state_dict, source) if allocation is None else load_allocation(allocation)
+    check_published_state_dict(state_dict, allocation, source)
+    result = ConversionResult(model={}, allocation=allocation)
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            result.dropped_counters += 1
+            continue
+        d2_key = to_d2_key(key)
+        if d2_key is None:
+            result.dropped_classifier.append((key, _shape(value)))
+            continue
+        result.model[d2_key] = value.detach().cpu().numpy()
+    return result
+
+
+def convert_published_checkpoint(
+    in_path: str,
+    out_path: str,
+    allocation=None,
+    allow_pickle: bool = False,
+    log: Callable[[str], None] = print,
+) -> ConversionResult:
+    """Convert a published ImageNet checkpoint file into detectron2's pickle format at `out_path`."""
+    if not out_path.endswith(".pkl"):
+        raise ValueError(f"output {out_path!r}: must end in .pkl (detectron2 reads pickle checkpoints by that suffix)")
+    state_dict = load_published_state_dict(in_path, allow_pickle=allow_pickle)
+    result = convert_published_state_dict(state_dict, allocation, source=in_path)
+    with open(out_path, "wb") as f:
+        pickle.dump(result.checkpoint(source=os.path.basename(in_path)), f)
+
+    alloc = result.allocation
+    how = "given" if allocation is not None else "inferred from the weight shapes"
+    bundled = alloc.name in BUNDLED_ALLOCATIONS and load_allocation(alloc.name).same_network(alloc)
+    log(f"Allocation ({how}): {alloc.describe()}" + (" - a bundled allocation" if bundled else ""))
+    if bundled:
+        config_value = alloc.name
+    elif isinstance(allocation, (str, os.PathLike)):
+        config_value = os.fspath(allocation)
+    else:  # not bundled and not a file yet: the config needs one
+        config_value = out_path[: -len(".pkl")] + ".allocation.json"
+        alloc.save(config_value)
+        log(f"Wrote the allocation to {config_value}.")
+    log(f"Converted {len(result.model)} tensors (conv1/bn1 -> stem.conv1[.norm], layerL -> res(L+1)).")
+    if result.dropped_classifier:
+        dropped = ", ".join(f"{k} {s}" for k, s in result.dropped_classifier)
+        log(f"Dropped the ImageNet classifier: {dropped}.")
+    if result.dropped_counters:
+        log(f"Dropped {result.dropped_counters} BN num_batches_tracked counters (not weights).")
+    log(f"Wrote {out_path}. Use it with:")
+    log(f"  MODEL.WEIGHTS {out_path}")
+    log(f"  MODEL.SCALENET.ALLOCATION {config_value}")
+    for key, value in EXPECTED_INPUT.items():
+        log(f"  {key} {value}")
+    log(
+        "  (the standard PyTorch ImageNet normalisation: the release does not state its normalisation, "
+        "this is the likely one)"
+    )
+    return result
+
+
+# ----------------------------------------------------------------------------- loading
+class ScaleNetCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer that loads converted ScaleNet checkpoints strictly.
+
+    For a checkpoint written by `convert_published_checkpoint` ("__author__": "scalenet_d2"),
+    the weights are placed on the model's ScaleNet body (wherever it is: `backbone` or
+    `backbone.bottom_up`) by exact name, after checking that every key is there with the
+    model's shape: otherwise CheckpointMismatchError names the first mismatching key and
+    both shapes. Stages the model does not build (OUT_FEATURES stopping before res5) are
+    skipped with a log line. Any other checkpoint loads as with DetectionCheckpointer.
+    """
+
+    def load(self, path, *args, **kwargs):
+        self._loading_path = path
+        return super().load(path, *args, **kwargs)
+
+    def _load_model(self, checkpoint):
+        if checkpoint.get("__author__") == SCALENET_AUTHOR:
+            checkpoint = self._place_scalenet_weights(checkpoint)
+        return super()._load_model(checkpoint)
+
+    def _find_scalenet(self):
+        found = [(name, module) for name, module in self.model.named_modules() if isinstance(module, ScaleNet)]
+        source = getattr(self, "_loading_path", "checkpoint")
+        if len(found) != 1:
+            raise CheckpointMismatchError(
+                f"{source} holds ScaleNet backbone weights (converted by scalenet_d2), but the model has "
+                f"{len(found)} ScaleNet modules; expected exactly one"
+            )
+        name, module = found[0]
+        return (name + "." if name else ""), module
+
+    def _place_scalenet_weights(self, checkpoint):
+        source = getattr(self, "_loading_path", "checkpoint")
+        prefix, scalenet = self._find_scalenet()
+        weights = {k: torch.as_tensor(v) for k, v in checkpoint["model"].items()}
+
+        not_built = tuple(f"{name}." for name in STAGE_NAMES if name not in scalenet.stage_names)
+        skipped = [k for k in weights if k.startswith(not_built)]
+        if skipped:
+            logger.info(
+                f"{source}: skipping {len(skipped)} weights of stages this model does not build "
+                f"({', '.join(p.rstrip('.') for p in not_built)}; MODEL.SCALENET.OUT_FEATURES stops before them)"
+            )
+        found = {k: _shape(v) for k, v in weights.items() if k not in skipped and not k.endswith("num_batches_tracked")}
+        expected = {k: _shape(v) for k, v in scalenet.state_dict().items() if not k.endswith("num_batches_tracked")}
+        differences = _first_differences(expected, found)
+        if any(differences):
+            recorded = checkpoint.get("scalenet_allocation", {}).get("name", "unknown")
+            raise CheckpointMismatchError(
+                f"{source} (converted from allocation '{recorded}') does not fit the model's ScaleNet "
+                f"'{prefix.rstrip('.') or '<model>'}' (allocation {scalenet.allocation.describe()}): "
+                + _describe_differences(*differences, "checkpoint", "model")
+                + ". Set MODEL.SCALENET.ALLOCATION to the checkpoint's allocation, or convert a checkpoint of this one."
+            )
+        self._warn_on_pixel_normalisation(checkpoint)
+
+        checkpoint = dict(checkpoint)
+        checkpoint["model"] = {prefix + k: weights[k] for k in found}
+        checkpoint["matching_heuristics"] = False  # names are exact now
+        return checkpoint
+
+    def _warn_on_pixel_normalisation(self, checkpoint):
+        expected = checkpoint.get("scalenet_expected_input", EXPECTED_INPUT)
+        mean, std = getattr(self.model, "pixel_mean", None), getattr(self.model, "pixel_std", None)
+        if not isinstance(mean, torch.Tensor) or not isinstance(std, torch.Tensor):
+            return
+        want_mean = torch.tensor(expected["MODEL.PIXEL_MEAN"]).view(-1, 1, 1)
+        want_std = torch.tensor(expected["MODEL.PIXEL_STD"]).view(-1, 1, 1)
+        if mean.shape != want_mean.shape or not (
+            torch.allclose(mean.cpu().float(), want_mean, atol=1e-3) and torch.allclose(std.cpu().float(), want_std, atol=1e-3)
+        ):
+            logger.warning(
+                "The converted ScaleNet weights expect "
+                + ", ".join(f"{k} {v}" for k, v in expected.items())
+                + f"; this model has MODEL.PIXEL_MEAN {mean.flatten().tolist()}, MODEL.PIXEL_STD {std.flatten().tolist()}."
+            )

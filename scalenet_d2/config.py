@@ -1,0 +1,29 @@
+"""detectron2 config keys of the ScaleNet backbones."""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_scalenet_config"]
+
+
+def add_scalenet_config(cfg):
+    """Add MODEL.SCALENET to `cfg` (in place; keys already present are left as they are).
+
+    MODEL.SCALENET.ALLOCATION: a bundled allocation (scalenet50, scalenet50_light,
+        scalenet101, scalenet152, scalenet_tiny) or the path of an allocation file, in the
+        project format or the published row format. It fixes the depth, so there is no DEPTH.
+    MODEL.SCALENET.OUT_FEATURES: which of res2..res5 the body returns (as RESNETS.OUT_FEATURES).
+    MODEL.SCALENET.NORM: FrozenBN (default), BN, SyncBN, GN, or any norm detectron2's get_norm takes.
+
+    MODEL.BACKBONE.FREEZE_AT keeps its detectron2 meaning: 0 nothing, 1 the stem,
+    k >= 2 the stem and res2..res{k}.
+    """
+    defaults = {
+        "ALLOCATION": "scalenet50",
+        "OUT_FEATURES": ["res4"],
+        "NORM": "FrozenBN",
+    }
+    if "SCALENET" not in cfg.MODEL:
+        cfg.MODEL.SCALENET = CN()
+    for key, value in defaults.items():
+        if key not in cfg.MODEL.SCALENET:
+            setattr(cfg.MODEL.SCALENET, key, value)
+    return cfg
