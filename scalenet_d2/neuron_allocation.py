@@ -1,0 +1,710 @@
+"""Data-driven neuron allocation (Li et al., CVPR 2019, sec. 3.2), built from the paper's description.
+
+The procedure, top to bottom in this file:
+1. `seed_allocation`: an over-complete ScaleNet; every SA layer gives each of the 4 scales
+   C = round(planes * seed_multiplier) neurons.
+2. (tools/train_seed.py trains it; `sa_gamma_l1` is the optional network-slimming penalty.)
+3. `load_seed_checkpoint`: reads a trained seed and checks that it is one.
+4. `NeuronRanking`: importance of an SA output neuron = |gamma| of its branch BN. Neurons are
+   ranked per block (never globally) with a documented deterministic tie-break (`TIE_BREAK`).
+5. Budget: every block of stage k keeps N_k = ceil(width_multiplier * planes_k) neurons
+   (`stage_widths`); or `search_flops_target` finds the multiplier whose FLOPs at 224x224 are
+   the largest not above a target. The kept count per scale is the block's allocation.
+6. `inherit_weights`: the seed's kept neurons as a classifier state_dict (fine-tuning start).
+7. `allocate_from_checkpoint` ties it together and records provenance; `format_summary` and
+   `plot_allocation` report it; `write_atomically` writes all outputs or none.
+
+FLOPs are multiply-accumulates of conv and fc layers (the convention of the paper's tables,
+ResNet-50 = 4.1 G, and of fvcore), counted analytically by `count_flops`.
+"""
+
+import dataclasses
+import datetime
+import hashlib
+import io
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .allocation import (
+    PUBLISHED_LAYOUTS,
+    PUBLISHED_PLANES,
+    PUBLISHED_STEM_CHANNELS,
+    SCALES,
+    STAGE_NAMES,
+    Allocation,
+    AllocationError,
+    StageAllocation,
+    branch_kernel_size,
+    load_allocation,
+)
+from .checkpoint import (
+    STANDARD_SIDES,
+    CheckpointMismatchError,
+    check_published_state_dict,
+    infer_allocation,
+    published_state_dict,
+)
+
+__all__ = [
+    "NeuronAllocationError",
+    "SEED_BLOCKS",
+    "SEED_KEY",
+    "ALLOCATION_KEY",
+    "TIE_BREAK",
+    "seed_allocation",
+    "SeedCheckpoint",
+    "load_seed_checkpoint",
+    "sa_gamma_l1",
+    "NeuronRanking",
+    "select_block",
+    "stage_widths",
+    "Selection",
+    "search_flops_target",
+    "count_flops",
+    "count_params",
+    "inherit_weights",
+    "AllocationResult",
+    "allocate_from_checkpoint",
+    "format_summary",
+    "plot_allocation",
+    "write_atomically",
+    "bytes_writer",
+    "atomic_torch_save",
+]
+
+SEED_BLOCKS = {depth: blocks for depth, blocks in PUBLISHED_LAYOUTS.values()}  # 50/101/152: blocks per stage
+SEED_KEY = "scalenet_d2_seed"  # checkpoint entry that marks a seed network (written by tools/train_seed.py)
+ALLOCATION_KEY = "scalenet_d2_allocation"  # checkpoint entry with the trained network's allocation
+METHOD = "bn-gamma per-block selection"
+TIE_BREAK = (
+    "per block, neurons sorted by |gamma| descending; equal |gamma| -> smaller scale index "
+    "(order 1, 2, 4, 7) first, then smaller channel index first"
+)
+# ceil(m * planes) reproduces the published stage widths: 1.36 -> 88/175/349/697 (ScaleNet-50),
+# 1.332 -> 86/171/341/682 (101), 1.396 -> 90/179/358/715 (152); round() would not.
+_CEIL_EPS = 1e-6
+
+
+class NeuronAllocationError(ValueError):
+    """Bad seed checkpoint or budget; the message names the file, field and what was expected."""
+
+
+# ----------------------------------------------------------------------------- 1. seed network
+
+
+def seed_allocation(base: Union[int, str, Allocation] = 50, multiplier: float = 1.0) -> Allocation:
+    """The over-complete seed: every block of a stage gets [C, C, C, C], C = round(planes * multiplier).
+
+    `base` gives depth, stem, planes and feature sides: a depth in `SEED_BLOCKS` (ResNet widths
+    64/128/256/512, stem 64), or an allocation (name, path or object) whose layout is copied,
+    e.g. "scalenet_tiny" for tests.
+    """
+    if isinstance(base, str) and base.isdigit():
+        base = int(base)
+    if isinstance(base, int):
+        if base not in SEED_BLOCKS:
+            raise NeuronAllocationError(f"seed depth {base}: expected one of {sorted(SEED_BLOCKS)}")
+        layout = list(zip(STAGE_NAMES, PUBLISHED_PLANES, STANDARD_SIDES, SEED_BLOCKS[base]))
+        stem, base_name = PUBLISHED_STEM_CHANNELS, f"scalenet{base}"
+    else:
+        template = base if isinstance(base, Allocation) else load_allocation(base)
+        layout = [(st.name, st.planes, st.side, len(st.blocks)) for st in template.stages]
+        stem, base_name = template.stem_channels, template.name
+    if not (isinstance(multiplier, (int, float)) and math.isfinite(multiplier) and multiplier > 0):
+        raise NeuronAllocationError(
+            f"seed multiplier {multiplier!r}: expected a number > 0 (1.0 = ResNet width per scale)"
+        )
+    stages = []
+    for name, planes, side, num_blocks in layout:
+        c = max(1, int(round(planes * multiplier)))
+        stages.append(
+            StageAllocation(name=name, planes=planes, side=side, blocks=tuple((c, c, c, c) for _ in range(num_blocks)))
+        )
+    return Allocation(
+        name=f"{base_name}_seed_x{multiplier:g}",
+        stem_channels=stem,
+        stages=tuple(stages),
+        provenance={"method": "over-complete seed", "base": base_name, "seed_multiplier": float(multiplier)},
+    )
+
+
+# ----------------------------------------------------------------------------- 3. seed checkpoint
+
+_SA_KEY = re.compile(r"^layer(\d+)\.(\d+)\.conv2\.(\d+)\.weight$")
+
+
+@dataclass
+class SeedCheckpoint:
+    path: str
+    sha256: str
+    allocation: Allocation  # the seed's allocation
+    state_dict: Dict[str, torch.Tensor]  # published classifier layout
+    meta: dict  # the checkpoint's SEED_KEY entry ({} if the allocation was inferred)
+    num_classes: int
+    epoch: Optional[int] = None
+    iteration: Optional[int] = None
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def extract_state_dict(obj, source: str) -> Dict[str, torch.Tensor]:
+    """The classifier state_dict of a checkpoint ({"model": sd}, {"state_dict": sd} or a plain sd)."""
+    try:
+        return published_state_dict(obj, source)
+    except CheckpointMismatchError as e:
+        raise NeuronAllocationError(str(e)) from None
+
+
+def _sa_widths_from_state_dict(sd: Mapping[str, torch.Tensor], source: str) -> List[List[List[int]]]:
+    """widths[stage][block] = [c1, c2, c4, c7] read from the conv2.{i} weight shapes."""
+    found: Dict[Tuple[int, int], Dict[int, int]] = {}
+    for key, value in sd.items():
+        m = _SA_KEY.match(key)
+        if m:
+            s, b, i = (int(g) for g in m.groups())
+            found.setdefault((s, b), {})[i] = int(value.shape[0])
+    if not found:
+        raise NeuronAllocationError(
+            f"{source}: not a ScaleNet classifier checkpoint: no SA layer keys like 'layer1.0.conv2.0.weight' "
+            "(the published ScaleNet layout)"
+        )
+    stages = sorted({s for s, _ in found})
+    if stages != [1, 2, 3, 4]:
+        raise NeuronAllocationError(f"{source}: SA layers found in layer{stages}; expected layer1..layer4")
+    widths = []
+    for s in stages:
+        blocks = sorted(b for ss, b in found if ss == s)
+        if blocks != list(range(len(blocks))):
+            raise NeuronAllocationError(f"{source}: layer{s} blocks {blocks}: expected consecutive indices from 0")
+        widths.append([[found[(s, b)].get(i, 0) for i in range(len(SCALES))] for b in blocks])
+    return widths
+
+
+def _check_is_seed(widths: List[List[List[int]]], source: str) -> None:
+    for s, stage in enumerate(widths):
+        for b, w in enumerate(stage):
+            if len(set(w)) != 1 or w[0] <= 0:
+                raise NeuronAllocationError(
+                    f"{source}: not a seed network: block layer{s + 1}.{b} ({STAGE_NAMES[s]} block {b}) has SA widths "
+                    f"{w} (conv2.0..3 output channels); a seed has the same nonzero width at every scale, e.g. "
+                    f"[{max(w)}, {max(w)}, {max(w)}, {max(w)}]. Train one with tools/train_seed.py."
+                )
+
+
+def load_seed_checkpoint(path: str) -> SeedCheckpoint:
+    """Reads a trained seed network and checks that every SA layer has equal widths per scale.
+
+    Accepts checkpoints of tools/train_seed.py (allocation under `SEED_KEY`) and plain published-layout
+    classifier state_dicts (allocation inferred from the weight shapes, ResNet feature sides 56/28/14/7).
+    """
+    if not os.path.isfile(path):
+        raise NeuronAllocationError(f"seed checkpoint {path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, pickled objects
+        raise NeuronAllocationError(
+            f"seed checkpoint {path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})"
+        ) from e
+    sd = extract_state_dict(obj, f"seed checkpoint {path}")
+    widths = _sa_widths_from_state_dict(sd, f"seed checkpoint {path}")
+    _check_is_seed(widths, f"seed checkpoint {path}")
+    if "fc.weight" not in sd:
+        raise NeuronAllocationError(
+            f"seed checkpoint {path}: no 'fc.weight'; expected a classifier (stem, layer1..4, fc)"
+        )
+
+    meta = dict(obj.get(SEED_KEY) or {}) if isinstance(obj, Mapping) else {}
+    if meta:
+        if "allocation" not in meta:
+            raise NeuronAllocationError(f"seed checkpoint {path}: field '{SEED_KEY}' has no 'allocation' entry")
+        try:
+            allocation = Allocation.from_dict(
+                meta["allocation"], source=f"seed checkpoint {path}: field '{SEED_KEY}.allocation'"
+            )
+        except AllocationError as e:
+            raise NeuronAllocationError(str(e)) from None
+    else:
+        try:
+            allocation = infer_allocation(sd, source=path)
+        except CheckpointMismatchError as e:
+            raise NeuronAllocationError(f"seed checkpoint {e}") from None
+    # The recorded allocation must describe these weights, key by key and shape by shape.
+    try:
+        check_published_state_dict(sd, allocation, source=f"seed checkpoint {path}")
+    except CheckpointMismatchError as e:
+        raise NeuronAllocationError(str(e)) from None
+    return SeedCheckpoint(
+        path=path,
+        sha256=file_sha256(path),
+        allocation=allocation,
+        state_dict=sd,
+        meta=meta,
+        num_classes=int(sd["fc.weight"].shape[0]),
+        epoch=obj.get("epoch") if isinstance(obj, Mapping) else None,
+        iteration=obj.get("iteration") if isinstance(obj, Mapping) else None,
+    )
+
+
+def sa_gamma_l1(model: torch.nn.Module) -> torch.Tensor:
+    """Sum of |gamma| over all SA-branch BNs (`layerK.B.bn2.I`): the optional sparsity penalty
+    of network slimming, added to the loss times a small factor during seed training."""
+    gammas = [
+        p.abs().sum() for name, p in model.named_parameters() if re.search(r"layer\d+\.\d+\.bn2\.\d+\.weight$", name)
+    ]
+    if not gammas:
+        raise NeuronAllocationError("sa_gamma_l1: the model has no SA BN parameters named 'layerK.B.bn2.I.weight'")
+    return torch.stack(gammas).sum()
+
+
+# ----------------------------------------------------------------------------- 4. importance + per-block selection
+
+
+def _block_order(gammas: Sequence[torch.Tensor], where: str) -> List[Tuple[int, int]]:
+    """(scale index, channel) of a block's neurons, most important first; see TIE_BREAK."""
+    entries = []
+    for i, g in enumerate(gammas):
+        values = g.detach().double().abs().flatten().tolist()
+        for c, v in enumerate(values):
+            if not math.isfinite(v):
+                raise NeuronAllocationError(f"{where}: bn2.{i}.weight[{c}] is {v}; the seed's BN gammas must be finite")
+            entries.append((-v, i, c))
+    entries.sort()  # tuple order = |gamma| desc, scale index asc, channel asc
+    return [(i, c) for _, i, c in entries]
+
+
+def select_block(gammas: Sequence[torch.Tensor], keep: int) -> Tuple[Tuple[int, ...], Tuple[Tuple[int, ...], ...]]:
+    """Keeps the `keep` neurons with the largest |gamma| of one block.
+
+    `gammas[i]` holds the BN scales of branch i (scale `SCALES[i]`). Returns the kept count per
+    scale (the block's allocation row) and the kept channel indices per scale, ascending.
+    """
+    total = sum(int(g.numel()) for g in gammas)
+    if not 1 <= keep <= total:
+        raise NeuronAllocationError(f"select_block: keep={keep}; expected 1..{total} (the block's SA neurons)")
+    kept: List[List[int]] = [[] for _ in gammas]
+    for i, c in _block_order(gammas, "select_block")[:keep]:
+        kept[i].append(c)
+    return tuple(len(k) for k in kept), tuple(tuple(sorted(k)) for k in kept)
+
+
+class NeuronRanking:
+    """Per-block ranking of a seed's SA neurons by |gamma|; answers "what does keeping N per block give"."""
+
+    def __init__(self, allocation: Allocation, state_dict: Mapping[str, torch.Tensor], source: str = "seed"):
+        self.allocation = allocation
+        self.blocks: List[Tuple[int, int]] = []  # (stage index, block index) in network order
+        self.orders: List[List[Tuple[int, int]]] = []
+        self._cum: List[np.ndarray] = []  # cum[n] = kept count per scale when keeping the top n
+        for s, stage in enumerate(allocation.stages):
+            for b, widths in enumerate(stage.blocks):
+                prefix = f"layer{s + 1}.{b}"
+                gammas = []
+                for i, c in enumerate(widths):
+                    key = f"{prefix}.bn2.{i}.weight"
+                    if c == 0:
+                        gammas.append(torch.zeros(0))
+                        continue
+                    if key not in state_dict or tuple(state_dict[key].shape) != (c,):
+                        got = tuple(state_dict[key].shape) if key in state_dict else "missing"
+                        raise NeuronAllocationError(
+                            f"{source}: '{key}' is {got}; expected shape ({c},) from the allocation"
+                        )
+                    gammas.append(state_dict[key])
+                order = _block_order(gammas, f"{source} block {prefix}")
+                onehot = np.zeros((len(order) + 1, len(SCALES)), dtype=np.int64)
+                for n, (i, _) in enumerate(order):
+                    onehot[n + 1, i] = 1
+                self.blocks.append((s, b))
+                self.orders.append(order)
+                self._cum.append(np.cumsum(onehot, axis=0))
+
+    def counts(self, widths_per_stage: Sequence[int]) -> List[Tuple[int, ...]]:
+        """Allocation rows (kept count per scale) of every block, keeping N_k per block of stage k."""
+        return [tuple(int(x) for x in self._cum[n][widths_per_stage[s]]) for n, (s, _) in enumerate(self.blocks)]
+
+    def kept(self, widths_per_stage: Sequence[int]) -> Tuple[Tuple[Tuple[int, ...], ...], ...]:
+        """Kept seed channel indices per scale (ascending) of every block."""
+        out = []
+        for n, (s, _) in enumerate(self.blocks):
+            per_scale: List[List[int]] = [[] for _ in SCALES]
+            for i, c in self.orders[n][: widths_per_stage[s]]:
+                per_scale[i].append(c)
+            out.append(tuple(tuple(sorted(k)) for k in per_scale))
+        return tuple(out)
+
+    def allocation_for(
+        self, widths_per_stage: Sequence[int], name: str = "allocation", provenance: Optional[dict] = None
+    ) -> Allocation:
+        rows = iter(self.counts(widths_per_stage))
+        stages = tuple(
+            StageAllocation(name=st.name, planes=st.planes, side=st.side, blocks=tuple(next(rows) for _ in st.blocks))
+            for st in self.allocation.stages
+        )
+        return Allocation(
+            name=name, stem_channels=self.allocation.stem_channels, stages=stages, provenance=dict(provenance or {})
+        )
+
+
+# ----------------------------------------------------------------------------- 5. budget
+
+
+def _seed_stage_capacity(seed: Allocation) -> List[int]:
+    return [min(sum(w) for w in st.blocks) for st in seed.stages]
+
+
+def stage_widths(seed: Allocation, width_multiplier: float) -> Tuple[int, ...]:
+    """N_k = ceil(width_multiplier * planes_k) per stage, checked against what the seed has."""
+    m = width_multiplier
+    if not (isinstance(m, (int, float)) and math.isfinite(m) and m > 0):
+        shown = f"{m:g}" if isinstance(m, (int, float)) else repr(m)
+        raise NeuronAllocationError(
+            f"width multiplier {shown} keeps nothing: expected a number > 0 (1.0 = ResNet widths like ScaleNet-50-light, "
+            "1.36 = ScaleNet-50)"
+        )
+    caps = _seed_stage_capacity(seed)
+    out = []
+    for st, cap in zip(seed.stages, caps):
+        n = max(1, math.ceil(m * st.planes - _CEIL_EPS))
+        if n > cap:
+            max_m = min(c / s.planes for c, s in zip(caps, seed.stages))
+            raise NeuronAllocationError(
+                f"width multiplier {m:g} keeps {n} neurons per {st.name} block (ceil({m:g} x {st.planes})) but the seed "
+                f"{seed.name!r} has only {cap} SA neurons per {st.name} block; expected a multiplier <= {max_m:.4g}"
+            )
+        out.append(n)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Selection:
+    allocation: Allocation  # rows = kept count per scale (no provenance yet)
+    kept: Tuple[Tuple[Tuple[int, ...], ...], ...]  # per block (network order), per scale: kept seed channels
+    width_multiplier: float
+    stage_widths: Tuple[int, ...]
+    flops: int  # at 224x224, see count_flops
+    params: int
+
+
+def _select(ranking: NeuronRanking, seed: Allocation, m: float, num_classes: int, image_size: int) -> Selection:
+    widths = stage_widths(seed, m)
+    alloc = ranking.allocation_for(widths)
+    return Selection(
+        allocation=alloc,
+        kept=ranking.kept(widths),
+        width_multiplier=float(m),
+        stage_widths=widths,
+        flops=count_flops(alloc, image_size, num_classes),
+        params=count_params(alloc, num_classes),
+    )
+
+
+def _candidate_multipliers(seed: Allocation) -> List[float]:
+    """Every multiplier at which some stage width N_k changes: the neuron steps j / planes_k."""
+    caps = _seed_stage_capacity(seed)
+    max_m = min(c / st.planes for c, st in zip(caps, seed.stages))
+    cands = {j / st.planes for st, cap in zip(seed.stages, caps) for j in range(1, cap + 1)}
+    return sorted(m for m in cands if m <= max_m + 1e-12)
+
+
+def search_flops_target(
+    ranking: NeuronRanking, target_flops: float, num_classes: int = 1000, image_size: int = 224
+) -> Tuple[Selection, Optional[Selection]]:
+    """The multiplier (all stages scaled together) whose FLOPs are the largest not above `target_flops`.
+
+    Candidates are the neuron steps: multipliers where some stage's N_k changes. Keeping more neurons
+    keeps a superset (rankings are fixed), so FLOPs grow with the multiplier and a binary search finds
+    the answer. Returns it and the next larger step (None if the answer keeps the whole seed), whose
+    FLOPs exceed the target: the result is within one neuron-step.
+    """
+    seed = ranking.allocation
+    cands = _candidate_multipliers(seed)
+    lowest = _select(ranking, seed, cands[0], num_classes, image_size)
+    if not target_flops >= lowest.flops:
+        raise NeuronAllocationError(
+            f"FLOPs target {target_flops / 1e9:.4g} G keeps nothing: the smallest network from seed {seed.name!r} "
+            f"(one neuron step, width multiplier {cands[0]:.4g}) already has {lowest.flops / 1e9:.4g} G at {image_size}x{image_size}"
+        )
+    highest = _select(ranking, seed, cands[-1], num_classes, image_size)
+    if target_flops > highest.flops and not math.isclose(target_flops, highest.flops):
+        raise NeuronAllocationError(
+            f"FLOPs target {target_flops / 1e9:.4g} G is more than seed {seed.name!r} can give: keeping all its SA "
+            f"neurons (width multiplier {cands[-1]:.4g}) gives {highest.flops / 1e9:.4g} G at {image_size}x{image_size}; "
+            "expected a target <= that, or a wider seed"
+        )
+    lo, hi = 0, len(cands) - 1  # invariant: flops(cands[lo]) <= target
+    best = lowest
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        sel = _select(ranking, seed, cands[mid], num_classes, image_size)
+        if sel.flops <= target_flops:
+            lo, best = mid, sel
+        else:
+            hi = mid - 1
+    if lo == len(cands) - 1:
+        return highest, None
+    return best, _select(ranking, seed, cands[lo + 1], num_classes, image_size)
+
+
+# ----------------------------------------------------------------------------- cost model
+
+
+def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def _walk_convs(allocation: Allocation, image_size: int):
+    """Yields (in_ch, out_ch, kernel, out_side) for every conv of the classifier, in order."""
+    h = _conv_out(image_size, 7, 2, 3)
+    yield 3, allocation.stem_channels, 7, h
+    h = _conv_out(h, 3, 2, 1)
+    cin = allocation.stem_channels
+    for s, st in enumerate(allocation.stages):
+        out = 4 * st.planes
+        for b, widths in enumerate(st.blocks):
+            if s > 0 and b == 0:
+                h //= 2  # 2x2 max-pool stride 2 on the block input
+            yield cin, st.planes, 1, h
+            for i, (scale, c) in enumerate(zip(SCALES, widths)):
+                if c > 0:
+                    yield st.planes, c, branch_kernel_size(st.side, i), h // scale
+            yield sum(widths), out, 1, h
+            if b == 0:
+                yield cin, out, 1, h  # shortcut conv
+            cin = out
+
+
+def count_flops(allocation: Allocation, image_size: int = 224, num_classes: int = 1000) -> int:
+    """Multiply-accumulates of all convs and the fc at image_size x image_size (fvcore's convention)."""
+    convs = sum(ci * co * k * k * h * h for ci, co, k, h in _walk_convs(allocation, image_size))
+    return int(convs + 4 * allocation.stages[-1].planes * num_classes)
+
+
+def count_params(allocation: Allocation, num_classes: int = 1000) -> int:
+    """Parameters of ScaleNetClassifier(allocation, num_classes): conv weights, BN gamma+beta, fc."""
+    total = sum(ci * co * k * k + 2 * co for ci, co, k, _ in _walk_convs(allocation, 224))
+    return int(total + (4 * allocation.stages[-1].planes + 1) * num_classes)
+
+
+# ----------------------------------------------------------------------------- 6. inherited weights
+
+_SA_PARAM = re.compile(r"^(layer\d+\.\d+)\.(conv2|bn2)\.(\d+)\.(\w+)$")
+_CONV3 = re.compile(r"^(layer\d+\.\d+)\.conv3\.weight$")
+
+
+def inherit_weights(
+    state_dict: Mapping[str, torch.Tensor], seed: Allocation, selection: Selection
+) -> Dict[str, torch.Tensor]:
+    """The seed's weights restricted to the kept SA neurons: a published-layout state_dict for
+    ScaleNetClassifier(selection.allocation). conv2/bn2 rows are selected, branches that keep
+    nothing are dropped, conv3 keeps the matching input columns; everything else is copied."""
+    kept: Dict[str, Tuple[Tuple[int, ...], ...]] = {}
+    seed_widths: Dict[str, Tuple[int, ...]] = {}
+    n = 0
+    for s, st in enumerate(seed.stages):
+        for b, w in enumerate(st.blocks):
+            kept[f"layer{s + 1}.{b}"] = selection.kept[n]
+            seed_widths[f"layer{s + 1}.{b}"] = tuple(w)
+            n += 1
+    out = {}
+    for key, value in state_dict.items():
+        m_sa, m_c3 = _SA_PARAM.match(key), _CONV3.match(key)
+        if m_sa and m_sa.group(1) in kept:
+            block, _, i, field = m_sa.groups()
+            idx = kept[block][int(i)]
+            if not idx:
+                continue  # the branch keeps nothing: pruned, no conv, no BN
+            out[key] = value if field == "num_batches_tracked" else value[list(idx)].clone()
+        elif m_c3 and m_c3.group(1) in kept:
+            block = m_c3.group(1)
+            offsets = np.cumsum((0,) + seed_widths[block][:-1])
+            cols = [int(offsets[i]) + c for i, idx in enumerate(kept[block]) for c in idx]
+            out[key] = value[:, cols].clone()
+        else:
+            out[key] = value.clone()
+    return out
+
+
+# ----------------------------------------------------------------------------- 7. pipeline + reports
+
+
+@dataclass(frozen=True)
+class AllocationResult:
+    allocation: Allocation  # with provenance
+    selection: Selection
+    seed: SeedCheckpoint
+    next_step: Optional[Selection] = None  # FLOPs target only: the next larger neuron step
+
+
+def allocate_from_checkpoint(
+    seed_checkpoint: str,
+    width_multiplier: Optional[float] = None,
+    target_gflops: Optional[float] = None,
+    name: str = "allocation",
+) -> AllocationResult:
+    """Seed checkpoint + budget (exactly one of width_multiplier, target_gflops) -> allocation with provenance."""
+    if (width_multiplier is None) == (target_gflops is None):
+        raise NeuronAllocationError("budget: give exactly one of width_multiplier and target_gflops")
+    if target_gflops is not None and not (
+        isinstance(target_gflops, (int, float)) and math.isfinite(target_gflops) and target_gflops > 0
+    ):
+        raise NeuronAllocationError(f"FLOPs target {target_gflops!r} GFLOPs keeps nothing: expected a number > 0")
+    seed = load_seed_checkpoint(seed_checkpoint)
+    ranking = NeuronRanking(seed.allocation, seed.state_dict, source=f"seed checkpoint {seed.path}")
+    next_step = None
+    if width_multiplier is not None:
+        sel = _select(ranking, seed.allocation, width_multiplier, seed.num_classes, 224)
+        budget = {"width_multiplier": float(width_multiplier)}
+    else:
+        sel, next_step = search_flops_target(ranking, target_gflops * 1e9, seed.num_classes, 224)
+        budget = {
+            "target_gflops": float(target_gflops),
+            "width_multiplier": sel.width_multiplier,
+            "next_step_flops_224": next_step.flops if next_step else None,
+        }
+    provenance = {
+        "method": METHOD,
+        "tie_break": TIE_BREAK,
+        "seed_checkpoint": os.path.abspath(seed.path),
+        "seed_sha256": seed.sha256,
+        "seed_allocation": seed.allocation.name,
+        "seed_multiplier": seed.meta.get("multiplier"),
+        "seed_epoch": seed.epoch,
+        "seed_iteration": seed.iteration,
+        "budget": budget,
+        "stage_widths": list(sel.stage_widths),
+        "num_classes": seed.num_classes,
+        "params": sel.params,
+        "flops_224": sel.flops,
+        "flops_convention": "multiply-accumulates of conv and fc layers at 224x224 (fvcore's count)",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    allocation = dataclasses.replace(sel.allocation, name=name, provenance=provenance)
+    return AllocationResult(allocation=allocation, selection=sel, seed=seed, next_step=next_step)
+
+
+def format_summary(allocation: Allocation, num_classes: int = 1000) -> str:
+    """Per-stage text table: kept neurons per scale for every block, stage totals, params and FLOPs."""
+    head = "".join(f"{'c' + str(s):>7}" for s in SCALES)
+    lines = [f"allocation {allocation.name!r}", f"{'block':<10}{head}{'total':>8}"]
+    for s, st in enumerate(allocation.stages):
+        for b, w in enumerate(st.blocks):
+            lines.append(f"{st.name + '.' + str(b):<10}" + "".join(f"{c:>7}" for c in w) + f"{sum(w):>8}")
+        tot = [sum(w[i] for w in st.blocks) for i in range(len(SCALES))]
+        share = "  ".join(f"x{sc}: {100 * t / max(1, sum(tot)):.0f}%" for sc, t in zip(SCALES, tot))
+        lines.append(f"{st.name + ' sum':<10}" + "".join(f"{t:>7}" for t in tot) + f"{sum(tot):>8}   ({share})")
+    lines.append(
+        f"params {count_params(allocation, num_classes) / 1e6:.2f} M, "
+        f"FLOPs {count_flops(allocation, 224, num_classes) / 1e9:.3f} G (MACs at 224x224)"
+    )
+    return "\n".join(lines)
+
+
+_SCALE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
+
+
+def plot_allocation(allocation: Allocation, title: Optional[str] = None) -> bytes:
+    """PNG bytes: stacked bars of neurons per scale for every block (the paper's allocation figure),
+    above the same as shares of each block, which keeps the narrow early stages readable."""
+    # Figure + Agg canvas directly: no global matplotlib backend switch.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = [f"{st.name}.{b}" for st in allocation.stages for b in range(len(st.blocks))]
+    rows = np.array([w for st in allocation.stages for w in st.blocks], dtype=float).reshape(-1, len(SCALES))
+    shares = 100 * rows / rows.sum(axis=1, keepdims=True)
+    fig = Figure(figsize=(max(6.0, 0.28 * len(labels) + 2.5), 6.0))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (3, 2)})
+    x = np.arange(len(labels))
+    for ax, values, ylabel in (
+        (axes[0], rows, "neurons (output channels)"),
+        (axes[1], shares, "share of the block (%)"),
+    ):
+        bottom = np.zeros(len(labels))
+        for i, scale in enumerate(SCALES):
+            used = values[:, i].any()  # a scale pruned from every block gets no legend entry
+            ax.bar(
+                x,
+                values[:, i],
+                bottom=bottom,
+                color=_SCALE_COLOURS[i],
+                width=0.8,
+                label=f"scale {scale}" if used else "_",
+            )
+            bottom += values[:, i]
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_ylim(0, bottom.max() * (1.1 if ax is axes[0] else 1.0))
+        start = 0
+        for st in allocation.stages:
+            if start:
+                ax.axvline(start - 0.5, color="grey", linestyle="--", linewidth=0.8)
+            if ax is axes[0]:
+                ax.text(
+                    start + (len(st.blocks) - 1) / 2, bottom.max() * 1.02, st.name, ha="center", va="bottom", fontsize=8
+                )
+            start += len(st.blocks)
+    axes[1].set_xticks(x)
+    axes[1].set_xticklabels(labels, rotation=90, fontsize=7)
+    axes[1].set_xlim(-0.6, len(labels) - 0.4)
+    axes[0].set_title(title or f"{allocation.name}: neurons per scale in every SA layer", fontsize=10)
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- atomic output
+
+
+def write_atomically(writers: Mapping[str, Callable[[str], None]]) -> None:
+    """Writes several files all or none: each writer(tmp_path) writes a temporary file beside its
+    target; only when every one succeeded are they renamed into place."""
+    temps: Dict[str, str] = {}
+    try:
+        for path, writer in writers.items():
+            directory = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(directory):
+                raise NeuronAllocationError(f"output {path}: folder {directory} does not exist")
+            base, ext = os.path.splitext(os.path.basename(path))
+            fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=directory)
+            os.close(fd)
+            temps[path] = tmp
+            writer(tmp)
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+        temps.clear()
+    finally:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def bytes_writer(data: bytes) -> Callable[[str], None]:
+    def write(path: str) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return write
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save that leaves either the old file or the complete new one, never a partial one."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_atomically({path: bytes_writer(buf.getvalue())})
