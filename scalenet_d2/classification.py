@@ -12,10 +12,8 @@ from typing import Union
 import torch
 from torch import nn
 
-from detectron2.layers import get_norm
-
 from .allocation import Allocation, load_allocation
-from .scalenet import SABottleneck
+from .scalenet import make_norm, make_stage
 
 __all__ = ["ScaleNetClassifier"]
 
@@ -31,35 +29,22 @@ class ScaleNetClassifier(nn.Module):
 
     def __init__(self, allocation: Union[Allocation, str], num_classes: int = 1000, norm: str = "BN"):
         super().__init__()
-        if not isinstance(allocation, Allocation):
-            allocation = load_allocation(allocation)
+        allocation = load_allocation(allocation)
         self.allocation = allocation
         self.num_classes = num_classes
 
         stem = allocation.stem_channels
         self.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = get_norm(norm, stem)
+        self.bn1 = make_norm(norm, stem)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
         in_channels = stem
-        for idx, stage in enumerate(allocation.stages):
-            blocks = []
-            for b, widths in enumerate(stage.blocks):
-                blocks.append(
-                    SABottleneck(
-                        in_channels,
-                        planes=stage.planes,
-                        widths=tuple(widths),
-                        side=stage.side,
-                        # res2 keeps the stem's resolution; later stages halve it in block 0
-                        stride=2 if (idx > 0 and b == 0) else 1,
-                        has_shortcut_conv=(b == 0),
-                        norm=norm,
-                    )
-                )
-                in_channels = 4 * stage.planes
-            self.add_module(f"layer{idx + 1}", nn.Sequential(*blocks))
+        for index, stage in enumerate(allocation.stages):
+            # res2 keeps the stem's resolution; later stages halve it in their first block
+            layer = make_stage(stage, in_channels, first_stride=1 if index == 0 else 2, norm=norm)
+            in_channels = layer[-1].out_channels
+            self.add_module(f"layer{index + 1}", layer)
 
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, num_classes)

@@ -33,12 +33,13 @@ from detectron2.modeling.backbone import FPN
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicStem
 
-from .allocation import SCALES, STAGE_NAMES, Allocation, branch_kernel_size, load_allocation
+from .allocation import SCALES, STAGE_NAMES, Allocation, StageAllocation, branch_kernel_size, load_allocation
 
 __all__ = [
     "ScaleAggregation",
     "SABottleneck",
     "ScaleNet",
+    "make_stage",
     "make_norm",
     "group_norm_groups",
     "ScaleNetGroupNorm",
@@ -232,6 +233,26 @@ class SABottleneck(CNNBlockBase):
         return F.relu_(out + shortcut)
 
 
+def make_stage(stage: StageAllocation, in_channels: int, first_stride: int, norm) -> nn.Sequential:
+    """The blocks of one stage, as in the published network: the first has the 1x1 shortcut
+    conv and the stage's stride (a 2x2 max-pool), the others an identity shortcut."""
+    blocks = []
+    for index, widths in enumerate(stage.blocks):
+        blocks.append(
+            SABottleneck(
+                in_channels,
+                stage.planes,
+                widths,
+                stage.side,
+                stride=first_stride if index == 0 else 1,
+                has_shortcut_conv=index == 0,
+                norm=norm,
+            )
+        )
+        in_channels = blocks[-1].out_channels
+    return nn.Sequential(*blocks)
+
+
 class ScaleNet(Backbone):
     """ScaleNet body: detectron2's BasicStem, then stages res2..res5 of SABottleneck.
 
@@ -276,23 +297,11 @@ class ScaleNet(Backbone):
         self.stage_names = STAGE_NAMES[:num_stages]
         channels, stride = self.stem.out_channels, self.stem.stride
         for index, stage in enumerate(self.allocation.stages[:num_stages]):
-            blocks = []
-            for b, widths in enumerate(stage.blocks):
-                blocks.append(
-                    SABottleneck(
-                        channels,
-                        stage.planes,
-                        widths,
-                        stage.side,
-                        # res2 keeps the stem's resolution; res3..res5 halve it in block 0
-                        stride=2 if index > 0 and b == 0 else 1,
-                        has_shortcut_conv=b == 0,
-                        norm=norm,
-                    )
-                )
-                channels = blocks[-1].out_channels
+            # res2 keeps the stem's resolution; res3..res5 halve it in their first block
+            blocks = make_stage(stage, channels, first_stride=1 if index == 0 else 2, norm=norm)
+            channels = blocks[-1].out_channels
             stride *= blocks[0].stride
-            self.add_module(stage.name, nn.Sequential(*blocks))
+            self.add_module(stage.name, blocks)
             self._out_feature_strides[stage.name] = stride
             self._out_feature_channels[stage.name] = channels
 
