@@ -1,0 +1,142 @@
+"""train_net.py end to end, in subprocesses, on the tiny built-in split.
+
+A few iterations of the tiny ScaleNet-FPN: checkpoints, --resume continuing from the saved
+iteration, --eval-only printing the COCO table, a 2-process CPU (gloo) run, and the
+start-up errors for missing weights and datasets.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/Synthetic/faster_rcnn_Stiny_FPN.yaml"
+TINY = [
+    "DATASETS.TRAIN", '("synthetic_shapes_tiny_train",)',
+    "DATASETS.TEST", '("synthetic_shapes_tiny_val",)',
+    "DATALOADER.NUM_WORKERS", "0",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.WARMUP_ITERS", "2",
+    "SOLVER.STEPS", "()",
+    "SOLVER.CHECKPOINT_PERIOD", "2",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e["SCALENET_D2_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    e["OMP_NUM_THREADS"] = "1"  # more threads than free cores slows small CPU models a lot
+    e["PYTHONWARNINGS"] = "ignore"
+    return e
+
+
+def train_net(env, *args, timeout=400):
+    proc = subprocess.run(
+        [sys.executable, "train_net.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def trained(env, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run"))
+    rc, log = train_net(env, "--config-file", CONFIG, *TINY, "SOLVER.MAX_ITER", "4", "OUTPUT_DIR", out)
+    assert rc == 0, log[-3000:]
+    return out, log
+
+
+def test_train_writes_checkpoints_logs_and_results(trained):
+    out, log = trained
+    files = set(os.listdir(out))
+    assert {"model_0000001.pth", "model_0000003.pth", "model_final.pth", "last_checkpoint", "metrics.json"} <= files
+    assert any(f.startswith("events.out.tfevents") for f in files), files  # TensorBoard
+    with open(os.path.join(out, "last_checkpoint")) as f:
+        assert f.read().strip() == "model_final.pth"
+    assert re.search(r"eta: \S+\s+iter: 3\b", log), "no ETA line in the log"
+    assert max(m["iteration"] for m in metrics(out) if "total_loss" in m) == 3
+    assert any("bbox/AP50" in m for m in metrics(out))  # the final evaluation, for TensorBoard too
+    with open(os.path.join(out, "eval_results.json")) as f:
+        box = json.load(f)["results"]["bbox"]
+    assert set(box) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    with open(os.path.join(out, "run_info.json")) as f:
+        info = json.load(f)
+    assert info["backbone"] == "build_scalenet_fpn_backbone" and info["num_processes"] == 1
+    assert info["backbone_params"] > 0 and info["backbone_flops"]["224x224"] > 0
+    assert set(info["backbone_flops"]) == {"224x224", "160x160"}
+    assert info["train_s_per_iter"] > 0 and info["inference_s_per_image"] > 0
+    assert info["train_peak_memory_mb"] > 0 and "CPU" in info["train_peak_memory_kind"]
+    assert "CPU" in info["machine"]
+
+
+def test_resume_continues_from_saved_iteration(trained, env):
+    out, _ = trained
+    rc, log = train_net(env, "--config-file", CONFIG, "--resume", *TINY, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", out)
+    assert rc == 0, log[-3000:]
+    assert f"Loading from {out}/model_final.pth" in log
+    assert "Starting training from iteration 4" in log
+    iterations = [m["iteration"] for m in metrics(out) if "total_loss" in m]
+    assert iterations[-1] == 5 and 4 not in iterations[:-1]  # the new entries follow the old ones
+
+
+def test_eval_only_prints_coco_table(trained, env):
+    out, _ = trained
+    eval_dir = os.path.join(out, "eval")
+    ckpt = os.path.join(out, "model_0000003.pth")
+    rc, log = train_net(env, "--config-file", CONFIG, "--eval-only", *TINY, "MODEL.WEIGHTS", ckpt, "OUTPUT_DIR", eval_dir)
+    assert rc == 0, log[-3000:]
+    assert f"Loading from {ckpt}" in log
+    assert "Starting training" not in log
+    assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
+    assert re.search(r"copypaste: (nan|[0-9.]+)(,(nan|[0-9.]+)){5}", log)
+    with open(os.path.join(eval_dir, "run_info.json")) as f:
+        info = json.load(f)
+    assert info["eval_weights"] == ckpt and info["inference_s_per_image"] > 0
+
+
+def test_two_processes_on_cpu_gloo(env, tmp_path):
+    rc, log = train_net(
+        env, "--config-file", CONFIG, "--num-gpus", "2", *TINY, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(tmp_path)
+    )
+    assert rc == 0, log[-3000:]
+    assert "Rank of current process: 0. World size: 2" in log
+    with open(tmp_path / "log.txt.rank1") as f:  # the second process ran the same job
+        assert "Rank of current process: 1. World size: 2" in f.read()
+    with open(tmp_path / "run_info.json") as f:
+        assert json.load(f)["num_processes"] == 2
+    assert (tmp_path / "model_final.pth").is_file()
+    assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
+
+
+def test_missing_weights_fail_at_start_with_instruction(env, tmp_path):
+    e = dict(env, SCALENET_D2_PRETRAINED=str(tmp_path))
+    rc, log = train_net(
+        e, "--config-file", "configs/COCO-Detection/faster_rcnn_S50_FPN_1x.yaml", "OUTPUT_DIR", str(tmp_path), timeout=120
+    )
+    assert rc != 0
+    assert "MODEL.WEIGHTS 'pretrained/ScaleNet-50.pkl'" in log
+    assert os.path.join(str(tmp_path), "ScaleNet-50.pkl") in log  # every place it looked
+    assert "python tools/convert_scalenet_to_d2.py" in log and "Traceback" not in log
+    rc, log = train_net(
+        e, "--config-file", "configs/COCO-Detection/faster_rcnn_R50_FPN_1x.yaml", "OUTPUT_DIR", str(tmp_path), timeout=120
+    )
+    assert rc != 0 and "convert-torchvision-to-d2.py" in log and "Traceback" not in log
+
+
+def test_missing_coco_fails_at_start_naming_path(env, tmp_path):
+    e = dict(env, DETECTRON2_DATASETS=str(tmp_path / "nowhere"))
+    rc, log = train_net(
+        e, "--config-file", "configs/COCO-Detection/faster_rcnn_S50_FPN_1x.yaml", "--eval-only",
+        "MODEL.WEIGHTS", "", "OUTPUT_DIR", str(tmp_path), timeout=120,
+    )
+    assert rc != 0 and "Traceback" not in log
+    assert str(tmp_path / "nowhere" / "coco" / "annotations" / "instances_val2017.json") in log
+    assert "DETECTRON2_DATASETS" in log
