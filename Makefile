@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test
+.PHONY: setup demo demo-quick test
 
 setup:
 	VENV=$(VENV) bash tools/setup_env.sh
@@ -13,3 +13,7 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests $(ARGS)
+
+# A 20-second smoke run of the main job (a few iterations on a tiny split).
+demo-quick: setup
+	$(PY) tools/run_demo.py --quick $(ARGS)

@@ -1,7 +1,8 @@
 """ScaleNet (Li et al., CVPR 2019) backbones for detectron2.
 
 `import scalenet_d2` registers with detectron2's BACKBONE_REGISTRY:
-build_scalenet_backbone, build_scalenet_fpn_backbone, build_retinanet_scalenet_fpn_backbone.
+build_scalenet_backbone, build_scalenet_fpn_backbone, build_retinanet_scalenet_fpn_backbone,
+and build_resnet_twin_fpn_backbone (detectron2's ResNet in the layout of an allocation).
 Call `add_scalenet_config(cfg)` before merging a config that uses MODEL.SCALENET.
 """
 from .allocation import (
@@ -22,6 +23,7 @@ from .checkpoint import (
     infer_allocation,
 )
 from .config import add_scalenet_config
+from .resnet_twin import build_resnet_twin_fpn_backbone
 from .scalenet import (
     SABottleneck,
     ScaleAggregation,
@@ -46,6 +48,7 @@ __all__ = [
     "build_scalenet_backbone",
     "build_scalenet_fpn_backbone",
     "build_retinanet_scalenet_fpn_backbone",
+    "build_resnet_twin_fpn_backbone",
     "ScaleNetCheckpointer",
     "CheckpointMismatchError",
     "EXPECTED_INPUT",

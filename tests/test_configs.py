@@ -2,7 +2,6 @@
 only in the backbone."""
 import glob
 import os
-import sys
 
 import pytest
 import torch
@@ -12,9 +11,6 @@ from detectron2.modeling import build_model
 
 import scalenet_d2  # registers the ScaleNet backbones
 from scalenet_d2.config import add_scalenet_config
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train_net  # noqa: E402,F401  (registers build_resnet_twin_fpn_backbone)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train_net import backbone_stats, machine_description, resolve_allocation  # noqa: E402
+from scalenet_d2.engine import backbone_stats, machine_description, resolve_allocation  # noqa: E402
 
 
 def parse_size(text):

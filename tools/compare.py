@@ -13,7 +13,11 @@ import argparse
 import json
 import math
 import os
-import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from scalenet_d2.engine import train_seconds_per_iter  # noqa: E402
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -25,23 +29,6 @@ class RunError(RuntimeError):
 def _read_json(path):
     with open(path) as f:
         return json.load(f)
-
-
-def _train_s_per_iter(run_dir):
-    """Median of detectron2's per-iteration 'time' in metrics.json, first logged window dropped."""
-    path = os.path.join(run_dir, "metrics.json")
-    if not os.path.isfile(path):
-        return None
-    times = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                entry = json.loads(line)
-                if "time" in entry:
-                    times.append(entry["time"])
-    times = times[1:] if len(times) > 1 else times
-    return statistics.median(times) if times else None
 
 
 def _box_metrics(results):
@@ -75,7 +62,7 @@ def load_run(run_dir):
         "datasets": evals.get("datasets", []),
         "params": info.get("backbone_params"),
         "flops": info.get("backbone_flops", {}),
-        "train_s_per_iter": info.get("train_s_per_iter") or _train_s_per_iter(run_dir),
+        "train_s_per_iter": info.get("train_s_per_iter") or train_seconds_per_iter(run_dir)[0],
         "ims_per_batch": info.get("ims_per_batch"),
         "num_processes": info.get("num_processes"),
         "inference_s_per_image": info.get("inference_s_per_image"),
