@@ -1,9 +1,9 @@
 """A ResNet twin for any allocation: detectron2's ResNet in a ScaleNet's layout."""
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet
 
 from .allocation import load_allocation
-from .scalenet import _register
+from .scalenet import _register, fpn_from_cfg
 
 __all__ = ["build_resnet_twin_fpn_backbone"]
 
@@ -38,11 +38,4 @@ def build_resnet_twin_fpn_backbone(cfg, input_shape):
         )
         in_channels = 4 * stage.planes
     bottom_up = ResNet(stem, stages, out_features=cfg.MODEL.RESNETS.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
-    return FPN(
-        bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return fpn_from_cfg(cfg, bottom_up, LastLevelMaxPool())

@@ -361,6 +361,18 @@ def _scalenet_from_cfg(cfg, input_shape: ShapeSpec) -> ScaleNet:
     )
 
 
+def fpn_from_cfg(cfg, bottom_up: Backbone, top_block) -> FPN:
+    """detectron2's FPN on `bottom_up` with the MODEL.FPN settings, as its ResNet builders make it."""
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=top_block,
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
+
+
 def _check_fpn_inputs(cfg, required: Sequence[str]) -> None:
     missing = [name for name in required if name not in cfg.MODEL.SCALENET.OUT_FEATURES]
     if missing:
@@ -381,14 +393,7 @@ def build_scalenet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """FPN with LastLevelMaxPool (P6) on ScaleNet, as detectron2's build_resnet_fpn_backbone."""
     _check_fpn_inputs(cfg, cfg.MODEL.FPN.IN_FEATURES)
     bottom_up = _scalenet_from_cfg(cfg, input_shape)
-    return FPN(
-        bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return fpn_from_cfg(cfg, bottom_up, LastLevelMaxPool())
 
 
 @_register
@@ -397,11 +402,4 @@ def build_retinanet_scalenet_fpn_backbone(cfg, input_shape: ShapeSpec):
     _check_fpn_inputs(cfg, list(cfg.MODEL.FPN.IN_FEATURES) + ["res5"])
     bottom_up = _scalenet_from_cfg(cfg, input_shape)
     in_channels_p6p7 = bottom_up.output_shape()["res5"].channels
-    return FPN(
-        bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelP6P7(in_channels_p6p7, cfg.MODEL.FPN.OUT_CHANNELS),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return fpn_from_cfg(cfg, bottom_up, LastLevelP6P7(in_channels_p6p7, cfg.MODEL.FPN.OUT_CHANNELS))

@@ -354,31 +354,20 @@ def dataset(tmp_path_factory):
     return root
 
 
+def _tiny_seed_args(dataset, output_dir, extra):
+    """train_seed.py arguments for a tiny seed on the generated dataset, plus `extra`."""
+    return [
+        str(dataset), "--base", "scalenet_tiny", "--image-size", "64", "--workers", "0",
+        "--output-dir", str(output_dir), *extra.split(),
+    ]
+
+
 @pytest.fixture(scope="module")
 def trained_seed(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("seed")
-    args = [
-        str(dataset),
-        "--base",
-        "scalenet_tiny",
-        "--max-iters",
-        "2",
-        "--batch-size",
-        "4",
-        "--image-size",
-        "64",
-        "--workers",
-        "0",
-        "--log-period",
-        "1",
-        "--gamma-l1",
-        "1e-4",
-        "--lr",
-        "0.05",
-        "--output-dir",
-        str(out),
-    ]
-    ckpt = _tool("train_seed").main(args)
+    ckpt = _tool("train_seed").main(
+        _tiny_seed_args(dataset, out, "--max-iters 2 --batch-size 4 --log-period 1 --gamma-l1 1e-4 --lr 0.05")
+    )
     return Path(ckpt), out
 
 
@@ -397,24 +386,7 @@ def test_train_seed_writes_marked_checkpoint_and_resumes(trained_seed, dataset):
     resumed = out.parent / "resumed"
     resumed.mkdir()
     (resumed / "checkpoint.pth").write_bytes(ckpt.read_bytes())
-    _tool("train_seed").main(
-        [
-            str(dataset),
-            "--base",
-            "scalenet_tiny",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-            "--image-size",
-            "64",
-            "--workers",
-            "0",
-            "--output-dir",
-            str(resumed),
-            "--resume",
-        ]
-    )
+    _tool("train_seed").main(_tiny_seed_args(dataset, resumed, "--epochs 1 --batch-size 4 --resume"))
     state = torch.load(resumed / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert state["epoch"] == 1 and state["iteration"] == 4
     assert set(state["metrics"]) == {"top1", "top5", "images"} and state["metrics"]["images"] == 6
@@ -424,24 +396,7 @@ def test_train_seed_writes_marked_checkpoint_and_resumes(trained_seed, dataset):
     # resuming with another network is refused
     with pytest.raises(ValueError, match=r"--resume .*checkpoint.pth: field 'scalenet_d2_allocation' is allocation"):
         _tool("train_seed").main(
-            [
-                str(dataset),
-                "--base",
-                "scalenet_tiny",
-                "--multiplier",
-                "0.5",
-                "--epochs",
-                "3",
-                "--batch-size",
-                "4",
-                "--image-size",
-                "64",
-                "--workers",
-                "0",
-                "--output-dir",
-                str(resumed),
-                "--resume",
-            ]
+            _tiny_seed_args(dataset, resumed, "--multiplier 0.5 --epochs 3 --batch-size 4 --resume")
         )
 
 
@@ -457,21 +412,7 @@ def test_train_seed_distributed_two_processes(dataset, tmp_path):
             "--nproc_per_node",
             "2",
             str(REPO / "tools" / "train_seed.py"),
-            str(dataset),
-            "--base",
-            "scalenet_tiny",
-            "--max-iters",
-            "2",
-            "--batch-size",
-            "2",
-            "--image-size",
-            "64",
-            "--workers",
-            "0",
-            "--log-period",
-            "1",
-            "--output-dir",
-            str(out),
+            *_tiny_seed_args(dataset, out, "--max-iters 2 --batch-size 2 --log-period 1"),
         ],
         capture_output=True,
         text=True,
@@ -491,21 +432,7 @@ def test_train_seed_dataset_errors(tmp_path, dataset):
     out = tmp_path / "out"
 
     def run(data):
-        train_seed.main(
-            [
-                str(data),
-                "--base",
-                "scalenet_tiny",
-                "--max-iters",
-                "1",
-                "--workers",
-                "0",
-                "--batch-size",
-                "2",
-                "--output-dir",
-                str(out),
-            ]
-        )
+        train_seed.main(_tiny_seed_args(data, out, "--max-iters 1 --batch-size 2"))
 
     layout = r"expected .*/train/<class>/<image> \(ImageNet layout"
     with pytest.raises(train_seed.DatasetError, match=rf"dataset folder {tmp_path}/missing does not exist; {layout}"):
