@@ -187,3 +187,35 @@ def test_setup_is_idempotent(repo_root):
     assert result.returncode == 0, result.stderr
     assert "is up to date" in result.stdout
     assert stamp.read_text() == before
+
+
+@pytest.mark.parametrize(
+    "c_module, expected",
+    [
+        ("def get_compiler_version():\n    return 'gcc'\n", "compiled"),  # a user's own build
+        (None, "broken: detectron2 at"),  # importable, but its compiled ops are not
+        ("SCALENET_D2_FALLBACK = True\n", "fallback"),
+    ],
+)
+def test_setup_recognises_the_detectron2_it_finds(repo_root, tmp_path, c_module, expected):
+    """tools/setup_env.sh installs the fallback only on 'missing' and leaves every other install alone."""
+    package = tmp_path / "detectron2"
+    package.mkdir()
+    (package / "__init__.py").write_text("__version__ = '0.6'\n")
+    if c_module is not None:
+        (package / "_C.py").write_text(c_module)
+    script = repo_root / "tools" / "detectron2_fallback" / "ensure_detectron2.py"
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))  # shadows the installed detectron2
+    result = subprocess.run([sys.executable, str(script), "status"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(expected)
+
+def test_setup_installs_the_fallback_only_where_detectron2_is_missing(repo_root):
+    script = repo_root / "tools" / "detectron2_fallback" / "ensure_detectron2.py"
+    # sys.modules[name] = None makes `import detectron2` fail as if it were not installed
+    code = (
+        "import runpy, sys; sys.modules['detectron2'] = None; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(script), "status"], capture_output=True, text=True)
+    assert result.stdout.strip() == "missing", result.stderr
