@@ -210,6 +210,7 @@ def test_setup_recognises_the_detectron2_it_finds(repo_root, tmp_path, c_module,
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(expected)
 
+
 def test_setup_installs_the_fallback_only_where_detectron2_is_missing(repo_root):
     script = repo_root / "tools" / "detectron2_fallback" / "ensure_detectron2.py"
     # sys.modules[name] = None makes `import detectron2` fail as if it were not installed
