@@ -68,7 +68,7 @@ def run_one(name, config, out_dir, extra_opts, env):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default=os.path.join(REPO_ROOT, "output", "demo"))
+    parser.add_argument("--output-dir", help="default: output/demo, or output/demo_quick with --quick")
     parser.add_argument("--quick", action="store_true", help="a few iterations on the tiny split (smoke test)")
     parser.add_argument(
         "--threads", type=int, default=1,
@@ -77,6 +77,8 @@ def main(argv=None):
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides passed to both runs")
     args = parser.parse_args(argv)
+    # a smoke run never replaces the results of a full one
+    args.output_dir = args.output_dir or os.path.join(REPO_ROOT, "output", "demo_quick" if args.quick else "demo")
 
     from scalenet_d2.data.synthetic import ensure_split
 
