@@ -17,10 +17,11 @@ import json
 import numbers
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Sequence, Tuple, Union
+
+from .atomic import bytes_writer, write_atomically
 
 __all__ = [
     "SCALES",
@@ -210,17 +211,7 @@ class Allocation:
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the project format to `path` atomically (a reader never sees half a file)."""
-        path = Path(path)
-        text = self.to_json()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomically({os.fspath(path): bytes_writer(self.to_json().encode("utf-8"))})
 
     @classmethod
     def from_dict(cls, data, source: str = "<dict>") -> "Allocation":

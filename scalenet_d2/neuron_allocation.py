@@ -12,7 +12,7 @@ The procedure, top to bottom in this file:
    the largest not above a target. The kept count per scale is the block's allocation.
 6. `inherit_weights`: the seed's kept neurons as a classifier state_dict (fine-tuning start).
 7. `allocate_from_checkpoint` ties it together and records provenance; `format_summary` and
-   `plot_allocation` report it; `write_atomically` writes all outputs or none.
+   `plot_allocation` report it; `scalenet_d2.atomic.write_atomically` writes all outputs or none.
 
 FLOPs are multiply-accumulates of conv and fc layers (the convention of the paper's tables,
 ResNet-50 = 4.1 G, and of fvcore), counted analytically by `count_flops`.
@@ -25,9 +25,8 @@ import io
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -74,9 +73,6 @@ __all__ = [
     "allocate_from_checkpoint",
     "format_summary",
     "plot_allocation",
-    "write_atomically",
-    "bytes_writer",
-    "atomic_torch_save",
 ]
 
 SEED_BLOCKS = {depth: blocks for depth, blocks in PUBLISHED_LAYOUTS.values()}  # 50/101/152: blocks per stage
@@ -285,6 +281,14 @@ def _block_order(gammas: Sequence[torch.Tensor], where: str) -> List[Tuple[int, 
     return [(i, c) for _, i, c in entries]
 
 
+def _kept_per_scale(top: Sequence[Tuple[int, int]], num_branches: int) -> Tuple[Tuple[int, ...], ...]:
+    """Kept channel indices per scale (ascending) of the (scale index, channel) pairs `top`."""
+    kept: List[List[int]] = [[] for _ in range(num_branches)]
+    for i, c in top:
+        kept[i].append(c)
+    return tuple(tuple(sorted(k)) for k in kept)
+
+
 def select_block(gammas: Sequence[torch.Tensor], keep: int) -> Tuple[Tuple[int, ...], Tuple[Tuple[int, ...], ...]]:
     """Keeps the `keep` neurons with the largest |gamma| of one block.
 
@@ -294,10 +298,8 @@ def select_block(gammas: Sequence[torch.Tensor], keep: int) -> Tuple[Tuple[int, 
     total = sum(int(g.numel()) for g in gammas)
     if not 1 <= keep <= total:
         raise NeuronAllocationError(f"select_block: keep={keep}; expected 1..{total} (the block's SA neurons)")
-    kept: List[List[int]] = [[] for _ in gammas]
-    for i, c in _block_order(gammas, "select_block")[:keep]:
-        kept[i].append(c)
-    return tuple(len(k) for k in kept), tuple(tuple(sorted(k)) for k in kept)
+    kept = _kept_per_scale(_block_order(gammas, "select_block")[:keep], len(gammas))
+    return tuple(len(k) for k in kept), kept
 
 
 class NeuronRanking:
@@ -306,8 +308,7 @@ class NeuronRanking:
     def __init__(self, allocation: Allocation, state_dict: Mapping[str, torch.Tensor], source: str = "seed"):
         self.allocation = allocation
         self.blocks: List[Tuple[int, int]] = []  # (stage index, block index) in network order
-        self.orders: List[List[Tuple[int, int]]] = []
-        self._cum: List[np.ndarray] = []  # cum[n] = kept count per scale when keeping the top n
+        self.orders: List[List[Tuple[int, int]]] = []  # per block: (scale index, channel), most important first
         for s, stage in enumerate(allocation.stages):
             for b, widths in enumerate(stage.blocks):
                 prefix = f"layer{s + 1}.{b}"
@@ -323,27 +324,18 @@ class NeuronRanking:
                             f"{source}: '{key}' is {got}; expected shape ({c},) from the allocation"
                         )
                     gammas.append(state_dict[key])
-                order = _block_order(gammas, f"{source} block {prefix}")
-                onehot = np.zeros((len(order) + 1, len(SCALES)), dtype=np.int64)
-                for n, (i, _) in enumerate(order):
-                    onehot[n + 1, i] = 1
                 self.blocks.append((s, b))
-                self.orders.append(order)
-                self._cum.append(np.cumsum(onehot, axis=0))
+                self.orders.append(_block_order(gammas, f"{source} block {prefix}"))
 
     def counts(self, widths_per_stage: Sequence[int]) -> List[Tuple[int, ...]]:
         """Allocation rows (kept count per scale) of every block, keeping N_k per block of stage k."""
-        return [tuple(int(x) for x in self._cum[n][widths_per_stage[s]]) for n, (s, _) in enumerate(self.blocks)]
+        return [tuple(len(k) for k in block) for block in self.kept(widths_per_stage)]
 
     def kept(self, widths_per_stage: Sequence[int]) -> Tuple[Tuple[Tuple[int, ...], ...], ...]:
         """Kept seed channel indices per scale (ascending) of every block."""
-        out = []
-        for n, (s, _) in enumerate(self.blocks):
-            per_scale: List[List[int]] = [[] for _ in SCALES]
-            for i, c in self.orders[n][: widths_per_stage[s]]:
-                per_scale[i].append(c)
-            out.append(tuple(tuple(sorted(k)) for k in per_scale))
-        return tuple(out)
+        return tuple(
+            _kept_per_scale(order[: widths_per_stage[s]], len(SCALES)) for (s, _), order in zip(self.blocks, self.orders)
+        )
 
     def allocation_for(
         self, widths_per_stage: Sequence[int], name: str = "allocation", provenance: Optional[dict] = None
@@ -479,7 +471,8 @@ def _walk_convs(allocation: Allocation, image_size: int):
             yield cin, st.planes, 1, h
             for i, (scale, c) in enumerate(zip(SCALES, widths)):
                 if c > 0:
-                    yield st.planes, c, branch_kernel_size(st.side, i), h // scale
+                    # max_pool_clamped pools a side smaller than the scale to 1, not 0
+                    yield st.planes, c, branch_kernel_size(st.side, i), max(1, h // scale)
             yield sum(widths), out, 1, h
             if b == 0:
                 yield cin, out, 1, h  # shortcut conv
@@ -665,46 +658,3 @@ def plot_allocation(allocation: Allocation, title: Optional[str] = None) -> byte
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     return buf.getvalue()
-
-
-# ----------------------------------------------------------------------------- atomic output
-
-
-def write_atomically(writers: Mapping[str, Callable[[str], None]]) -> None:
-    """Writes several files all or none: each writer(tmp_path) writes a temporary file beside its
-    target; only when every one succeeded are they renamed into place."""
-    temps: Dict[str, str] = {}
-    try:
-        for path, writer in writers.items():
-            directory = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(directory):
-                raise NeuronAllocationError(f"output {path}: folder {directory} does not exist")
-            base, ext = os.path.splitext(os.path.basename(path))
-            fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=directory)
-            os.close(fd)
-            temps[path] = tmp
-            writer(tmp)
-        for path, tmp in temps.items():
-            os.replace(tmp, path)
-        temps.clear()
-    finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
-def bytes_writer(data: bytes) -> Callable[[str], None]:
-    def write(path: str) -> None:
-        with open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-    return write
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """torch.save that leaves either the old file or the complete new one, never a partial one."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_atomically({path: bytes_writer(buf.getvalue())})

@@ -1,5 +1,6 @@
 """Data-driven neuron allocation (issue 5): selection, budgets, classifier layout, tools end to end."""
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -546,7 +547,7 @@ def test_allocate_then_detect_end_to_end(trained_seed, dataset, tmp_path):
     allocation = load_allocation(str(alloc_path))
     prov = allocation.provenance
     assert prov["method"] == "bn-gamma per-block selection"
-    assert prov["seed_sha256"] == __import__("hashlib").sha256(ckpt.read_bytes()).hexdigest()
+    assert prov["seed_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert prov["flops_224"] == count_flops(allocation, 224, 3) <= 0.042e9 < prov["budget"]["next_step_flops_224"]
     assert prov["params"] == count_params(allocation, 3)
     assert prov["budget"]["target_gflops"] == 0.042

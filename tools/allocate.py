@@ -13,24 +13,20 @@ All outputs are written together, atomically, after every check has passed: an e
 """
 
 import argparse
-import io
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from scalenet_d2.atomic import bytes_writer, torch_writer, write_atomically  # noqa: E402
 from scalenet_d2.classification import ScaleNetClassifier  # noqa: E402
 from scalenet_d2.neuron_allocation import (  # noqa: E402
     ALLOCATION_KEY,
     NeuronAllocationError,
     allocate_from_checkpoint,
-    bytes_writer,
     format_summary,
     inherit_weights,
     plot_allocation,
-    write_atomically,
 )
 
 
@@ -74,18 +70,16 @@ def main(argv=None):
     allocation = result.allocation
 
     # Build every output in memory (and check it) before anything touches the disk.
-    model = ScaleNetClassifier(allocation, num_classes=result.seed.num_classes)
-    writers = {args.output: allocation.save}
+    writers = {args.output: bytes_writer(allocation.to_json().encode("utf-8"))}
     if args.chart:
         writers[args.chart] = bytes_writer(plot_allocation(allocation))
     if args.inherit_weights:
         state_dict = inherit_weights(result.seed.state_dict, result.seed.allocation, result.selection)
+        model = ScaleNetClassifier(allocation, num_classes=result.seed.num_classes)
         model.load_state_dict(state_dict, strict=True)  # the weights fit the allocation just made
-        buf = io.BytesIO()
-        torch.save(
-            {"model": state_dict, ALLOCATION_KEY: allocation.to_dict(), "inherited_from": result.seed.sha256}, buf
+        writers[args.inherit_weights] = torch_writer(
+            {"model": state_dict, ALLOCATION_KEY: allocation.to_dict(), "inherited_from": result.seed.sha256}
         )
-        writers[args.inherit_weights] = bytes_writer(buf.getvalue())
     write_atomically(writers)
 
     budget = allocation.provenance["budget"]

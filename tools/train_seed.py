@@ -34,13 +34,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scalenet_d2.allocation import load_allocation  # noqa: E402
+from scalenet_d2.allocation import Allocation, load_allocation  # noqa: E402
+from scalenet_d2.atomic import atomic_torch_save  # noqa: E402
+from scalenet_d2.checkpoint import check_published_state_dict  # noqa: E402
 from scalenet_d2.classification import ScaleNetClassifier  # noqa: E402
 from scalenet_d2.neuron_allocation import (  # noqa: E402
     ALLOCATION_KEY,
     SEED_BLOCKS,
     SEED_KEY,
-    atomic_torch_save,
     extract_state_dict,
     sa_gamma_l1,
     seed_allocation,
@@ -225,7 +226,8 @@ def evaluate(model, loader, device, world):
     c1 = c5 = n = 0
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        top = model(images).topk(min(5, model_num_classes(model)), dim=1).indices
+        logits = model(images)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top == targets[:, None]
         c1 += hit[:, :1].sum().item()
         c5 += hit.any(dim=1).sum().item()
@@ -233,10 +235,6 @@ def evaluate(model, loader, device, world):
     c1, c5, n = all_reduce_sum([c1, c5, n], device, world)
     model.train()
     return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1), "images": int(n)}
-
-
-def model_num_classes(model):
-    return (model.module if hasattr(model, "module") else model).num_classes
 
 
 # ----------------------------------------------------------------------------- main
@@ -331,7 +329,6 @@ def train(args, world, rank, device, model, allocation, seed_meta, optimizer, sc
         stop_at = min(stop_at, args.max_iters)
     run_start, run_start_iter = time.perf_counter(), iteration
     done = iteration >= stop_at
-    epoch = start_epoch
     for epoch in range(start_epoch, args.epochs):
         if done:
             break
@@ -401,7 +398,7 @@ def checkpoint_state(model, allocation, seed_meta, classes, args, metrics):
         ALLOCATION_KEY: allocation.to_dict(),
         "classes": list(classes),
         "metrics": dict(metrics),
-        "args": {k: v for k, v in vars(args).items()},
+        "args": dict(vars(args)),
     }
     if seed_meta:
         state[SEED_KEY] = seed_meta  # marks a seed network for tools/allocate.py
@@ -409,28 +406,20 @@ def checkpoint_state(model, allocation, seed_meta, classes, args, metrics):
 
 
 def load_init_weights(model, path):
-    sd = extract_state_dict(torch.load(path, map_location="cpu", weights_only=True), f"--init-weights {path}")
-    own = model.state_dict()
-    for key, value in own.items():
-        if key not in sd:
-            raise ValueError(
-                f"--init-weights {path}: no '{key}' (shape {tuple(value.shape)}); expected weights of the same allocation"
-            )
-        if sd[key].shape != value.shape:
-            raise ValueError(
-                f"--init-weights {path}: '{key}' has shape {tuple(sd[key].shape)}; the model expects {tuple(value.shape)}"
-                + (" (number of classes differs)" if key.startswith("fc.") else "")
-            )
-    extra = sorted(set(sd) - set(own))
-    if extra:
-        raise ValueError(f"--init-weights {path}: unexpected keys {extra[:5]}; expected weights of the same allocation")
+    source = f"--init-weights {path}"
+    sd = extract_state_dict(torch.load(path, map_location="cpu", weights_only=True), source)
+    check_published_state_dict(sd, model.allocation, source)  # every key but fc.*, shape by shape
+    expected_fc = {k: tuple(v.shape) for k, v in model.fc.state_dict(prefix="fc.").items()}
+    found_fc = {k: tuple(v.shape) for k, v in sd.items() if k.startswith("fc.")}
+    if found_fc != expected_fc:
+        raise ValueError(f"{source}: classifier {found_fc}; the model expects {expected_fc} (number of classes differs)")
     model.load_state_dict(sd)
 
 
 def load_resume(path, model, optimizer, scaler, allocation):
     state = torch.load(path, map_location="cpu", weights_only=True)
-    from scalenet_d2.allocation import Allocation
-
+    if not isinstance(state, dict) or ALLOCATION_KEY not in state:
+        raise ValueError(f"--resume {path}: no field '{ALLOCATION_KEY}'; expected a checkpoint written by train_seed.py")
     saved = Allocation.from_dict(state[ALLOCATION_KEY], source=f"{path}:{ALLOCATION_KEY}")
     if not saved.same_network(allocation):
         raise ValueError(
