@@ -36,9 +36,6 @@ PRETRAINED_ENV = "SCALENET_D2_PRETRAINED"
 logger = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------- config
-
-
 class StartupError(RuntimeError):
     """A problem found before any work starts (missing weights or dataset files)."""
 
@@ -285,6 +282,7 @@ def write_run_files(cfg, args, model, results, training):
     if os.path.isfile(info_path):  # --eval-only into a training dir keeps the training fields
         with open(info_path) as f:
             info = json.load(f)
+    mem, mem_kind = peak_memory()  # before the FLOP count below runs the backbone again
     size = cfg.INPUT.MIN_SIZE_TEST
     info.update(
         {
@@ -293,9 +291,7 @@ def write_run_files(cfg, args, model, results, training):
             "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
             "backbone": cfg.MODEL.BACKBONE.NAME,
             "backbone_arch": backbone_arch(cfg),
-            "weights": cfg.MODEL.WEIGHTS,
             "machine": machine_description(),
-            "num_processes": comm.get_world_size(),
             "torch": torch.__version__,
             "detectron2": detectron2.__version__,
             "flops_note": "fvcore FlopCountAnalysis of the bottom-up backbone (no FPN), batch 1; "
@@ -303,7 +299,6 @@ def write_run_files(cfg, args, model, results, training):
         }
     )
     info.update(backbone_stats(model, [(224, 224), (size, size)]))
-    mem, mem_kind = peak_memory()
     sec, n = Trainer.last_inference
     info.update({"inference_s_per_image": sec, "inference_images_timed": n})
     if training:
@@ -312,6 +307,8 @@ def write_run_files(cfg, args, model, results, training):
             {
                 "train_s_per_iter": s_iter,
                 "train_logged_windows": windows,
+                "weights": cfg.MODEL.WEIGHTS,
+                "num_processes": comm.get_world_size(),
                 "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH,
                 "max_iter": cfg.SOLVER.MAX_ITER,
                 "train_peak_memory_mb": mem,
@@ -319,7 +316,15 @@ def write_run_files(cfg, args, model, results, training):
             }
         )
     else:
-        info.update({"eval_peak_memory_mb": mem, "eval_peak_memory_kind": mem_kind, "eval_weights": cfg.MODEL.WEIGHTS})
+        # "weights" and "num_processes" stay those of the training run (its s/iter depends on them).
+        info.update(
+            {
+                "eval_peak_memory_mb": mem,
+                "eval_peak_memory_kind": mem_kind,
+                "eval_weights": cfg.MODEL.WEIGHTS,
+                "eval_num_processes": comm.get_world_size(),
+            }
+        )
     with open(info_path, "w") as f:
         json.dump(info, f, indent=2)
 
@@ -368,7 +373,8 @@ def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank
             group = dist.new_group(list(range(i * num_per_machine, (i + 1) * num_per_machine)))
             if i == machine_rank:
                 comm._LOCAL_PROCESS_GROUP = group
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_per_machine))  # no oversubscription
+    # No oversubscription, and never more threads than OMP_NUM_THREADS (or torch's default) gives.
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // num_per_machine)))
     comm.synchronize()
     with _cpu_ddp():
         main_func(*args)

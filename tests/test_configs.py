@@ -79,7 +79,6 @@ def test_required_configs_exist():
 @pytest.mark.parametrize("scalenet,resnet", TWINS, ids=[os.path.basename(s) for s, _ in TWINS])
 def test_twins_differ_only_in_backbone(scalenet, resnet):
     a, b = flatten(load(scalenet)), flatten(load(resnet))
-    assert a.keys() == b.keys()
     diff = sorted(k for k in a if a[k] != b[k])
     outside = [f"{k}: {a[k]!r} vs {b[k]!r}" for k in diff if not k.startswith(BACKBONE_KEYS)]
     assert not outside, f"{scalenet} and {resnet} differ outside the backbone keys: {outside}"

@@ -100,6 +100,8 @@ def test_eval_only_prints_coco_table(trained, env):
     with open(os.path.join(eval_dir, "run_info.json")) as f:
         info = json.load(f)
     assert info["eval_weights"] == ckpt and info["inference_s_per_image"] > 0
+    assert info["eval_num_processes"] == 1 and "num_processes" not in info  # training fields only from training
+    assert info["eval_peak_memory_mb"] > 0
 
 
 def test_two_processes_on_cpu_gloo(env, tmp_path):

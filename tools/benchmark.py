@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from compare import format_table  # noqa: E402  (tools/ is on sys.path when run as a script)
 from scalenet_d2.engine import backbone_stats, machine_description, resolve_allocation  # noqa: E402
 
 
@@ -110,15 +111,7 @@ def main(argv=None):
         seconds = time_backbones(models, args.speed, args.rounds)
         for row, sec in zip(rows, seconds):
             row += [f"{sec:.4f}", f"{sec / seconds[0]:.2f}"]
-    if args.markdown:
-        print("| " + " | ".join(header) + " |")
-        print("|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|")
-        for r in rows:
-            print("| " + " | ".join(r) + " |")
-    else:
-        widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-        for r in [header] + rows:
-            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    print("\n".join(format_table(header, rows, args.markdown)))
     note = f"measured by tools/benchmark.py on {machine_description()}"
     if args.speed:
         note += f"; speed: median of {args.rounds} interleaved forwards at batch 1, eval mode, {models[0].device}"

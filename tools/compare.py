@@ -108,6 +108,23 @@ def build_rows(runs):
     return rows
 
 
+def format_table(header, rows, markdown=False):
+    """Lines of a table of strings: Markdown, or plain text with the first column left-aligned
+    and the others right-aligned. Also used by tools/benchmark.py."""
+    if markdown:
+        return [
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows),
+        ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def fmt_row(row):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    return [fmt_row(header), "  ".join("-" * w for w in widths), *map(fmt_row, rows)]
+
+
 def render(runs, names, markdown=False):
     rows = build_rows(runs)
     header = ["", *names]
@@ -123,17 +140,7 @@ def render(runs, names, markdown=False):
             cells.append(_fmt(a - b, digits) if numeric else "")
         table.append([str(c) for c in cells])
 
-    lines = []
-    if markdown:
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|")
-        lines += ["| " + " | ".join(row) + " |" for row in table]
-    else:
-        widths = [max(len(r[i]) for r in [header] + table) for i in range(len(header))]
-        fmt_row = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-        lines.append(fmt_row(header))
-        lines.append("  ".join("-" * w for w in widths))
-        lines += [fmt_row(row) for row in table]
+    lines = format_table(header, table, markdown)
     notes = []
     datasets = {", ".join(r["datasets"]) for r in runs}
     if len(datasets) == 1:

@@ -10,6 +10,7 @@ one after the other, showing detectron2's progress lines (iteration, losses, ETA
 with tools/compare.py's table, also written to OUTPUT/comparison.md.
 """
 import argparse
+import collections
 import os
 import re
 import shutil
@@ -46,13 +47,13 @@ def run_one(name, config, out_dir, extra_opts, env):
            "OUTPUT_DIR", run_dir, *extra_opts]
     print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
     start = time.time()
-    tail = []
+    tail = collections.deque(maxlen=40)  # shown if the run fails
     with open(os.path.join(run_dir, "console.log"), "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
         table_lines = 0
         for line in proc.stdout:
             log.write(line)
-            tail = (tail + [line])[-40:]
+            tail.append(line)
             if BOX_TABLE in line:
                 table_lines = 4
             if table_lines or SHOW.search(line):

@@ -222,9 +222,10 @@ def draw_image(spec, index):
         colour = tuple(int(c) for c in _random_colour(rng, base, neighbours))
         mask = Image.new("L", (size, size), 0)
         shape_rng_state = rng.get_state()
-        _draw_shape(ImageDraw.Draw(mask), CLASSES[cls_id], (x0, y0, x0 + w - 1, y0 + h - 1), rng, 255)
+        shape_box = (x0, y0, x0 + w - 1, y0 + h - 1)  # inclusive corners
+        _draw_shape(ImageDraw.Draw(mask), CLASSES[cls_id], shape_box, rng, 255)
         rng.set_state(shape_rng_state)  # the visible copy makes the same random choices
-        _draw_shape(draw, CLASSES[cls_id], (x0, y0, x0 + w - 1, y0 + h - 1), rng, colour)
+        _draw_shape(draw, CLASSES[cls_id], shape_box, rng, colour)
         ys, xs = np.nonzero(np.asarray(mask))
         if len(xs) == 0:
             continue
@@ -282,17 +283,18 @@ def ensure_split(name, cache_dir=None):
     renamed into place, so concurrent callers (e.g. several training processes) and
     interrupted runs never leave a half-written split where a reader looks.
     """
+    spec = asdict(_get_split(name))
     json_file, image_root = split_paths(name, cache_dir)
     final = os.path.dirname(json_file)
     if os.path.isfile(json_file):
         with open(json_file) as f:
             info = json.load(f).get("info", {})
-        if info.get("generator_version") == GENERATOR_VERSION and info.get("spec") == asdict(SPLITS[name]):
+        if info.get("generator_version") == GENERATOR_VERSION and info.get("spec") == spec:
             return json_file, image_root
         # Same directory name but other content: only a hand-edited cache gets here.
         raise RuntimeError(
             f"{json_file}: info.generator_version/spec is {info.get('generator_version')}/{info.get('spec')}, "
-            f"expected {GENERATOR_VERSION}/{asdict(SPLITS[name])}; delete {final} to regenerate it"
+            f"expected {GENERATOR_VERSION}/{spec}; delete {final} to regenerate it"
         )
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
