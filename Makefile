@@ -11,7 +11,10 @@ setup:
 demo: setup
 	$(PY) tools/run_demo.py $(ARGS)
 
+# lint and format check (ruff), then the test suite
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest tests $(ARGS)
 
 # A 20-second smoke run of the main job (a few iterations on a tiny split).

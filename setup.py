@@ -13,17 +13,17 @@ setup(
     # detectron2 is deliberately absent: it is not on PyPI, GPU users build it from source
     # for their CUDA, and tools/setup_env.sh installs a CPU fallback only where none exists.
     install_requires=[
-        "torch",
-        "torchvision",
-        "fvcore",
-        "pycocotools",
+        "torch>=2.3",  # torch.amp.GradScaler("cuda"), torch.device as a context manager (meta builds)
+        "torchvision>=0.18",
+        "fvcore>=0.1.5",
+        "pycocotools>=2.0.2",
         # Headless build: the same OpenCV without the system GL/X11 libraries (libGL.so.1)
         # that opencv-python needs and a bare server often lacks.
         "opencv-python-headless",
         "numpy",
-        "matplotlib",
+        "matplotlib>=3.3",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout"],
+        "dev": ["pytest>=7", "pytest-timeout", "ruff==0.17.6"],
     },
 )

@@ -17,6 +17,7 @@ events, log.txt) each run writes to OUTPUT_DIR:
   run_info.json      config, backbone params and FLOPs, train s/iter, inference s/image,
                      peak memory and the machine; tools/compare.py tabulates these.
 """
+
 import sys
 
 import detectron2.utils.comm as comm
@@ -24,7 +25,8 @@ from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 
 from scalenet_d2.checkpoint import ScaleNetCheckpointer
-from scalenet_d2.engine import StartupError, Trainer, build_config, check_inputs, launch_any, setup, write_run_files
+from scalenet_d2.engine import StartupError, Trainer, build_config, check_inputs, evaluate, launch_any, setup
+from scalenet_d2.run_record import write_run_record
 
 
 def main(args):
@@ -32,18 +34,18 @@ def main(args):
     if args.eval_only:
         model = Trainer.build_model(cfg)
         ScaleNetCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        results = Trainer.test(cfg, model)
+        results, inference = evaluate(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
-            write_run_files(cfg, args, model, results, training=False)
+            write_run_record(cfg, args, model, results, training=False, inference=inference)
         return results
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     trainer.train()
     if comm.is_main_process():
-        write_run_files(cfg, args, trainer.model, Trainer.last_results, training=True)
-    return Trainer.last_results
+        write_run_record(cfg, args, trainer.model, trainer.results, training=True, inference=trainer.inference)
+    return trainer.results
 
 
 if __name__ == "__main__":

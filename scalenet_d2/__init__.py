@@ -5,6 +5,7 @@ build_scalenet_backbone, build_scalenet_fpn_backbone, build_retinanet_scalenet_f
 and build_resnet_twin_fpn_backbone (detectron2's ResNet in the layout of an allocation).
 Call `add_scalenet_config(cfg)` before merging a config that uses MODEL.SCALENET.
 """
+
 from .allocation import (
     BUNDLED_ALLOCATIONS,
     SCALES,
@@ -26,7 +27,6 @@ from .config import add_scalenet_config
 from .resnet_twin import build_resnet_twin_fpn_backbone
 from .scalenet import (
     SABottleneck,
-    ScaleAggregation,
     ScaleNet,
     build_retinanet_scalenet_fpn_backbone,
     build_scalenet_backbone,
@@ -42,7 +42,6 @@ __all__ = [
     "BUNDLED_ALLOCATIONS",
     "SCALES",
     "STAGE_NAMES",
-    "ScaleAggregation",
     "SABottleneck",
     "ScaleNet",
     "build_scalenet_backbone",

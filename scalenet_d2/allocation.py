@@ -13,6 +13,7 @@ Two file formats are read (see allocations/README.md):
 Every problem with a file raises `AllocationError` naming the file, the row or block, the
 field and what was expected.
 """
+
 import json
 import numbers
 import os
@@ -91,9 +92,7 @@ def _check_widths(widths, where: str) -> Widths:
         if not _is_int(width) or width < 0:
             raise AllocationError(f"{where}: width c{scale} = {width!r}; expected a non-negative integer")
     if sum(widths) == 0:
-        raise AllocationError(
-            f"{where}: all widths are 0 {list(widths)}; expected at least one branch with width > 0"
-        )
+        raise AllocationError(f"{where}: all widths are 0 {list(widths)}; expected at least one branch with width > 0")
     return tuple(int(w) for w in widths)
 
 
@@ -203,11 +202,14 @@ class Allocation:
         text = json.dumps(self.to_dict(), indent=2)
         # one block per line: collapse innermost lists of numbers
         number = r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
-        return re.sub(
-            rf"\[\s*({number}(?:\s*,\s*{number})*)\s*\]",
-            lambda m: "[" + ", ".join(re.split(r"\s*,\s*", m.group(1))) + "]",
-            text,
-        ) + "\n"
+        return (
+            re.sub(
+                rf"\[\s*({number}(?:\s*,\s*{number})*)\s*\]",
+                lambda m: "[" + ", ".join(re.split(r"\s*,\s*", m.group(1))) + "]",
+                text,
+            )
+            + "\n"
+        )
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the project format to `path` atomically (a reader never sees half a file)."""
@@ -219,44 +221,46 @@ class Allocation:
         if not isinstance(data, dict):
             raise AllocationError(f"{source}: expected a JSON object in the {FORMAT_NAME} format, got {_kind(data)}")
         if data.get("format") != FORMAT_NAME:
-            raise AllocationError(f"{source}: \"format\" is {data.get('format')!r}; expected {FORMAT_NAME!r}")
+            raise AllocationError(f'{source}: "format" is {data.get("format")!r}; expected {FORMAT_NAME!r}')
         if data.get("version") != FORMAT_VERSION:
             raise AllocationError(
-                f"{source}: \"version\" is {data.get('version')!r}; this scalenet_d2 reads version {FORMAT_VERSION}"
+                f'{source}: "version" is {data.get("version")!r}; this scalenet_d2 reads version {FORMAT_VERSION}'
             )
         for key in ("name", "scales", "stem_channels", "stages"):
             if key not in data:
-                raise AllocationError(f"{source}: missing field \"{key}\"")
+                raise AllocationError(f'{source}: missing field "{key}"')
         if not isinstance(data["name"], str) or not data["name"]:
-            raise AllocationError(f"{source}: \"name\" is {data['name']!r}; expected a non-empty string")
+            raise AllocationError(f'{source}: "name" is {data["name"]!r}; expected a non-empty string')
         scales = data["scales"]
         if not isinstance(scales, list) or not all(_is_int(s) for s in scales) or scales != list(SCALES):
             raise AllocationError(
-                f"{source}: \"scales\" is {data['scales']!r}; expected {list(SCALES)}, the scale factors of ScaleNet"
+                f'{source}: "scales" is {data["scales"]!r}; expected {list(SCALES)}, the scale factors of ScaleNet'
             )
-        stem_channels = _check_positive_int(data["stem_channels"], source, "\"stem_channels\"")
-        input_size = _check_positive_int(data.get("input_size", 224), source, "\"input_size\"")
+        stem_channels = _check_positive_int(data["stem_channels"], source, '"stem_channels"')
+        input_size = _check_positive_int(data.get("input_size", 224), source, '"input_size"')
         stages_data = data["stages"]
         if not isinstance(stages_data, list) or len(stages_data) != len(STAGE_NAMES):
             raise AllocationError(
-                f"{source}: \"stages\" has {_count(stages_data)}; expected a list of 4 stages {list(STAGE_NAMES)}"
+                f'{source}: "stages" has {_count(stages_data)}; expected a list of 4 stages {list(STAGE_NAMES)}'
             )
         stages = []
         for index, (stage, expected_name) in enumerate(zip(stages_data, STAGE_NAMES)):
             where = f"{source}: stages[{index}]"
             if not isinstance(stage, dict):
-                raise AllocationError(f"{where}: expected an object with name, planes, side, blocks; got {_kind(stage)}")
+                raise AllocationError(
+                    f"{where}: expected an object with name, planes, side, blocks; got {_kind(stage)}"
+                )
             if stage.get("name") != expected_name:
-                raise AllocationError(f"{where}: \"name\" is {stage.get('name')!r}; expected {expected_name!r}")
+                raise AllocationError(f'{where}: "name" is {stage.get("name")!r}; expected {expected_name!r}')
             where = f"{where} ({expected_name})"
             for key in ("planes", "side", "blocks"):
                 if key not in stage:
-                    raise AllocationError(f"{where}: missing field \"{key}\"")
-            planes = _check_positive_int(stage["planes"], where, "\"planes\"")
-            side = _check_positive_int(stage["side"], where, "\"side\"")
+                    raise AllocationError(f'{where}: missing field "{key}"')
+            planes = _check_positive_int(stage["planes"], where, '"planes"')
+            side = _check_positive_int(stage["side"], where, '"side"')
             blocks = stage["blocks"]
             if not isinstance(blocks, list) or not blocks:
-                raise AllocationError(f"{where}: \"blocks\" is {blocks!r}; expected a non-empty list of [c1, c2, c4, c7]")
+                raise AllocationError(f'{where}: "blocks" is {blocks!r}; expected a non-empty list of [c1, c2, c4, c7]')
             widths = tuple(
                 _check_widths(w, f"{where} blocks[{b}] (block {expected_name}.{b})") for b, w in enumerate(blocks)
             )
@@ -271,7 +275,7 @@ class Allocation:
         )
         if "depth" in data and data["depth"] != allocation.depth:
             raise AllocationError(
-                f"{source}: \"depth\" is {data['depth']!r} but the stages have {allocation.num_blocks} blocks, "
+                f'{source}: "depth" is {data["depth"]!r} but the stages have {allocation.num_blocks} blocks, '
                 f"i.e. depth {allocation.depth} (3 x blocks + 2); expected them to agree"
             )
         return allocation
@@ -370,5 +374,5 @@ def load_allocation(name_or_path: Union[str, os.PathLike, Allocation]) -> Alloca
         return Allocation.from_dict(data, source=str(path))
     raise AllocationError(
         f"{path}: got {_kind(data)}; expected a JSON list of [c1, c2, c4, c7, side] rows (published format) "
-        f"or an object with \"format\": \"{FORMAT_NAME}\" (project format)"
+        f'or an object with "format": "{FORMAT_NAME}" (project format)'
     )

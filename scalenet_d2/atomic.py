@@ -1,4 +1,5 @@
 """Writing outputs atomically: a reader, or a crash, never sees half a file."""
+
 import io
 import os
 import tempfile

@@ -19,6 +19,7 @@ Input normalisation: the release does not state it. The converted weights are as
 expect the standard PyTorch ImageNet recipe (`EXPECTED_INPUT`): RGB, mean 0.485/0.456/0.406
 and std 0.229/0.224/0.225 of 0-255 pixels, which is the likely one.
 """
+
 import logging
 import os
 import pickle
@@ -28,7 +29,6 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
-
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .allocation import (
@@ -41,6 +41,7 @@ from .allocation import (
     branch_kernel_size,
     load_allocation,
 )
+from .classification import ScaleNetClassifier
 from .scalenet import ScaleNet
 
 __all__ = [
@@ -82,35 +83,18 @@ class CheckpointMismatchError(ValueError):
 
 # ----------------------------------------------------------------------------- published layout
 def published_key_shapes(allocation: Allocation) -> Dict[str, Tuple[int, ...]]:
-    """Shape of every published key of `allocation`'s network, in network order.
+    """Shape of every published key of `allocation`'s network, in network order: the state_dict
+    of its classifier, built on the meta device (shapes only, no memory, no initialisation).
 
     The classifier (fc.*) and BN's num_batches_tracked are not included.
     """
-    shapes = {}
-
-    def norm(prefix, channels):
-        for entry in _BN_ENTRIES:
-            shapes[f"{prefix}.{entry}"] = (channels,)
-
-    shapes["conv1.weight"] = (allocation.stem_channels, 3, 7, 7)
-    norm("bn1", allocation.stem_channels)
-    in_channels = allocation.stem_channels
-    for layer, stage in enumerate(allocation.stages, start=1):
-        for b, widths in enumerate(stage.blocks):
-            block = f"layer{layer}.{b}"
-            shapes[f"{block}.conv1.weight"] = (stage.planes, in_channels, 1, 1)
-            norm(f"{block}.bn1", stage.planes)
-            for i, (width, kernel) in enumerate(zip(widths, stage.kernel_sizes)):
-                if width > 0:
-                    shapes[f"{block}.conv2.{i}.weight"] = (width, stage.planes, kernel, kernel)
-                    norm(f"{block}.bn2.{i}", width)
-            shapes[f"{block}.conv3.weight"] = (stage.out_channels, sum(widths), 1, 1)
-            norm(f"{block}.bn3", stage.out_channels)
-            if b == 0:
-                shapes[f"{block}.downsample.0.weight"] = (stage.out_channels, in_channels, 1, 1)
-                norm(f"{block}.downsample.1", stage.out_channels)
-            in_channels = stage.out_channels
-    return shapes
+    with torch.device("meta"):
+        model = ScaleNetClassifier(allocation, num_classes=1, norm="BN")
+    return {
+        key: _shape(value)
+        for key, value in model.state_dict().items()
+        if not key.startswith("fc.") and not key.endswith("num_batches_tracked")
+    }
 
 
 def to_d2_key(published_key: str) -> Optional[str]:
@@ -120,7 +104,7 @@ def to_d2_key(published_key: str) -> Optional[str]:
     if published_key == "conv1.weight":
         return "stem.conv1.weight"
     if published_key.startswith("bn1."):
-        return "stem.conv1.norm." + published_key[len("bn1."):]
+        return "stem.conv1.norm." + published_key[len("bn1.") :]
     match = re.match(r"^layer([1-4])\.(.*)$", published_key)
     if match:
         return f"res{int(match.group(1)) + 1}.{match.group(2)}"
@@ -148,9 +132,13 @@ def _describe_differences(mismatched, missing, unexpected, found_name: str, expe
         if len(mismatched) > 1:
             parts.append(f"{len(mismatched) - 1} more keys differ in shape")
     if missing:
-        parts.append(f"{len(missing)} keys of the {expected_name} missing from the {found_name} (first: {missing[0]!r})")
+        parts.append(
+            f"{len(missing)} keys of the {expected_name} missing from the {found_name} (first: {missing[0]!r})"
+        )
     if unexpected:
-        parts.append(f"{len(unexpected)} keys of the {found_name} not in the {expected_name} (first: {unexpected[0]!r})")
+        parts.append(
+            f"{len(unexpected)} keys of the {found_name} not in the {expected_name} (first: {unexpected[0]!r})"
+        )
     return "; ".join(parts)
 
 
@@ -177,7 +165,7 @@ def published_state_dict(obj, source: str = "<checkpoint>") -> Dict[str, torch.T
         if not isinstance(value, (torch.Tensor, np.ndarray)):
             raise CheckpointMismatchError(f"{source}: entry {key!r} is a {type(value).__name__}; expected a tensor")
         if isinstance(key, str) and key.startswith("module."):
-            key = key[len("module."):]
+            key = key[len("module.") :]
         state_dict[key] = torch.as_tensor(value)
     return state_dict
 
@@ -214,7 +202,9 @@ def infer_allocation(state_dict: Mapping[str, torch.Tensor], source: str = "<sta
         while f"layer{layer}.{num_blocks}.conv1.weight" in state_dict:
             num_blocks += 1
         if num_blocks == 0:
-            raise CheckpointMismatchError(f"{source}: no 'layer{layer}.0.conv1.weight'; expected 4 stages layer1..layer4")
+            raise CheckpointMismatchError(
+                f"{source}: no 'layer{layer}.0.conv1.weight'; expected 4 stages layer1..layer4"
+            )
         blocks = []
         for b in range(num_blocks):
             if f"layer{layer}.{b}.conv2.weight" in state_dict:
@@ -351,10 +341,7 @@ def convert_published_checkpoint(
     log(f"  MODEL.SCALENET.ALLOCATION {config_value}")
     for key, value in EXPECTED_INPUT.items():
         log(f"  {key} {value}")
-    log(
-        "  (the standard PyTorch ImageNet normalisation: the release does not state its normalisation, "
-        "this is the likely one)"
-    )
+    log("  (assumed: the release does not state its input normalisation; see README)")
     return result
 
 
@@ -428,7 +415,8 @@ class ScaleNetCheckpointer(DetectionCheckpointer):
         want_mean = torch.tensor(expected["MODEL.PIXEL_MEAN"]).view(-1, 1, 1)
         want_std = torch.tensor(expected["MODEL.PIXEL_STD"]).view(-1, 1, 1)
         if mean.shape != want_mean.shape or not (
-            torch.allclose(mean.cpu().float(), want_mean, atol=1e-3) and torch.allclose(std.cpu().float(), want_std, atol=1e-3)
+            torch.allclose(mean.cpu().float(), want_mean, atol=1e-3)
+            and torch.allclose(std.cpu().float(), want_std, atol=1e-3)
         ):
             logger.warning(
                 "The converted ScaleNet weights expect "

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .allocation import Allocation, load_allocation
-from .scalenet import make_norm, make_stage
+from .scalenet import make_norm, make_scalenet_stages
 
 __all__ = ["ScaleNetClassifier"]
 
@@ -39,15 +39,12 @@ class ScaleNetClassifier(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
-        in_channels = stem
-        for index, stage in enumerate(allocation.stages):
-            # res2 keeps the stem's resolution; later stages halve it in their first block
-            layer = make_stage(stage, in_channels, first_stride=1 if index == 0 else 2, norm=norm)
-            in_channels = layer[-1].out_channels
-            self.add_module(f"layer{index + 1}", layer)
+        # the detection backbone's stages, under the published names layer1..layer4
+        for index, blocks in enumerate(make_scalenet_stages(allocation, norm), start=1):
+            self.add_module(f"layer{index}", nn.Sequential(*blocks))
 
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_channels, num_classes)
+        self.fc = nn.Linear(allocation.stages[-1].out_channels, num_classes)
         self._init_weights()
 
     def _init_weights(self):

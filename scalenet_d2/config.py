@@ -1,4 +1,5 @@
 """detectron2 config keys of the ScaleNet backbones."""
+
 from detectron2.config import CfgNode as CN
 
 __all__ = ["add_scalenet_config"]

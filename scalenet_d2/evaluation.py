@@ -1,4 +1,5 @@
 """COCO evaluation that works with and without detectron2's compiled ops."""
+
 from detectron2.evaluation import COCOEvaluator
 
 

@@ -1,14 +1,16 @@
 """A ResNet twin for any allocation: detectron2's ResNet in a ScaleNet's layout."""
+
+from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet
 
 from .allocation import load_allocation
-from .scalenet import _register, fpn_from_cfg
+from .scalenet import fpn_from_cfg
 
 __all__ = ["build_resnet_twin_fpn_backbone"]
 
 
-@_register
+@BACKBONE_REGISTRY.register()
 def build_resnet_twin_fpn_backbone(cfg, input_shape):
     """detectron2's ResNet + FPN with the layout of MODEL.SCALENET.ALLOCATION.
 
@@ -37,5 +39,7 @@ def build_resnet_twin_fpn_backbone(cfg, input_shape):
             )
         )
         in_channels = 4 * stage.planes
-    bottom_up = ResNet(stem, stages, out_features=cfg.MODEL.RESNETS.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+    bottom_up = ResNet(
+        stem, stages, out_features=cfg.MODEL.RESNETS.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT
+    )
     return fpn_from_cfg(cfg, bottom_up, LastLevelMaxPool())

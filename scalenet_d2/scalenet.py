@@ -19,31 +19,31 @@ dimension, to that dimension's size: such a dimension pools to size 1, i.e. to t
 maximum over the whole dimension, and is then resized back like any other pooled map.
 Whenever the published network runs, nothing is clamped and the result is identical.
 """
+
 import functools
-from typing import Sequence, Union
+from typing import List, Sequence, Tuple, Union
 
 import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from detectron2.layers import CNNBlockBase, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone import FPN
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
-from detectron2.modeling.backbone.resnet import BasicStem
+from detectron2.modeling.backbone.resnet import BasicStem, ResNet
+from torch import nn
 
-from .allocation import SCALES, STAGE_NAMES, Allocation, StageAllocation, branch_kernel_size, load_allocation
+from .allocation import SCALES, STAGE_NAMES, Allocation, branch_kernel_size, load_allocation
 
 __all__ = [
-    "ScaleAggregation",
     "SABottleneck",
     "ScaleNet",
-    "make_stage",
+    "make_scalenet_stages",
     "make_norm",
     "group_norm_groups",
     "ScaleNetGroupNorm",
     "max_pool_clamped",
+    "resize_like",
     "build_scalenet_backbone",
     "build_scalenet_fpn_backbone",
     "build_retinanet_scalenet_fpn_backbone",
@@ -89,127 +89,88 @@ def make_norm(norm, channels: int) -> nn.Module:
         ) from None
 
 
+@torch.jit.script_if_tracing
 def max_pool_clamped(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Max-pool with kernel = stride = `factor`, no padding (floor), as the published network.
 
     Along a dimension smaller than `factor` the kernel and stride are that dimension's size,
     so it pools to 1 instead of 0 (where the published network fails). See module docstring.
+    Scripted when traced, so that a traced model keeps the clamp for every input size.
     """
-    height, width = x.shape[-2:]
-    kernel = (min(factor, height), min(factor, width))
+    kernel = [min(factor, x.shape[-2]), min(factor, x.shape[-1])]
     return F.max_pool2d(x, kernel_size=kernel, stride=kernel)
 
 
-class ScaleAggregation(nn.Module):
-    """The SA layer: for each scale s with a non-zero width c_s, in scale order,
-    max-pool by s -> conv to c_s channels -> resize back to HxW -> norm; concat; ReLU.
-
-    Its convs and norms are `conv2[str(i)]` and `bn2[str(i)]` for branch index i (scale
-    SCALES[i]), present only where c_i > 0: the published names of a bottleneck's SA layer.
-
-    Args:
-        in_channels: channels of the input (the block's `planes`).
-        widths: output channels (c1, c2, c4, c7) of the scale 1, 2, 4, 7 branches; 0 = no branch.
-        side: the stage's feature side at a 224x224 input; it fixes each branch's kernel
-            (3x3 while side / 2**i > 1, else 1x1; see `allocation.branch_kernel_size`).
-        norm: a detectron2 norm name or callable (see `make_norm`).
-    """
-
-    def __init__(self, in_channels: int, widths: Sequence[int], side: int, norm="BN"):
-        super().__init__()
-        if len(widths) != len(SCALES) or min(widths) < 0 or sum(widths) == 0:
-            raise ValueError(f"widths {tuple(widths)}: expected 4 non-negative integers (c1, c2, c4, c7), not all 0")
-        self.in_channels = in_channels
-        self.widths = tuple(int(w) for w in widths)
-        self.side = side
-        self.out_channels = sum(self.widths)
-
-        self.conv2 = nn.ModuleDict()
-        self.bn2 = nn.ModuleDict()
-        branches = []  # (key, scale factor) of the branches that exist, in scale order
-        for i, (scale, width) in enumerate(zip(SCALES, self.widths)):
-            if width == 0:
-                continue  # pruned away: no conv, no norm
-            kernel = branch_kernel_size(side, i)
-            self.conv2[str(i)] = nn.Conv2d(in_channels, width, kernel, padding=kernel // 2, bias=False)
-            self.bn2[str(i)] = make_norm(norm, width)
-            weight_init.c2_msra_fill(self.conv2[str(i)])
-            branches.append((str(i), scale))
-        self.branches = tuple(branches)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2:]
-        outputs = []
-        for key, scale in self.branches:
-            if scale == 1:
-                y = self.conv2[key](x)
-            else:
-                pooled = self.conv2[key](max_pool_clamped(x, scale))
-                pooled_height, pooled_width = pooled.shape[-2:]
-                # nearest is exact replication when the map is a whole multiple of the pooled one
-                if height % pooled_height == 0 and width % pooled_width == 0:
-                    y = F.interpolate(pooled, size=(height, width), mode="nearest")
-                else:
-                    y = F.interpolate(pooled, size=(height, width), mode="bilinear", align_corners=False)
-            outputs.append(self.bn2[key](y))  # the norm comes after the resize
-        return F.relu_(torch.cat(outputs, dim=1))
-
-    def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, widths={self.widths}, side={self.side}"
+@torch.jit.script_if_tracing
+def resize_like(pooled: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """`pooled` resized to the height and width of `reference`, as the published network: nearest
+    (exact replication) where they are whole multiples of the pooled size, else bilinear.
+    Scripted when traced, so that a traced model makes this choice for every input size."""
+    height, width = reference.shape[-2], reference.shape[-1]
+    if height % pooled.shape[-2] == 0 and width % pooled.shape[-1] == 0:
+        return F.interpolate(pooled, size=[height, width], mode="nearest")
+    return F.interpolate(pooled, size=[height, width], mode="bilinear", align_corners=False)
 
 
 class SABottleneck(CNNBlockBase):
     """ScaleNet bottleneck: [2x2 max-pool if stride 2] -> 1x1 conv -> SA layer -> 1x1 conv,
     plus a shortcut (identity, or 1x1 conv + norm in the first block of a stage).
 
-    Submodules carry the published names: conv1, bn1, conv2.{i}, bn2.{i}, conv3, bn3,
-    downsample.0 (conv) and downsample.1 (norm).
+    The SA layer: for each scale s with a non-zero width c_s, in scale order, max-pool by s ->
+    conv to c_s channels -> resize back -> norm; concatenate; ReLU. Its convs and norms are
+    `conv2[str(i)]` and `bn2[str(i)]` for branch index i (scale SCALES[i]), present only where
+    c_i > 0. With conv1, bn1, conv3, bn3 and downsample.{0,1} these are the published names.
 
-    Args:
-        in_channels: input channels.
-        planes: bottleneck width; the block outputs 4 * planes channels.
-        widths: SA branch widths (c1, c2, c4, c7).
-        side: the stage's feature side at a 224x224 input (fixes the SA kernel sizes).
-        stride: 2 for the first block of res3..res5, else 1.
-        has_shortcut_conv: True for the first block of every stage (res2 included).
+    Args (the keywords of `ResNet.make_stage`):
+        in_channels, out_channels: of the block (out_channels = 4 x bottleneck_channels).
+        bottleneck_channels: the width `planes` of conv1's output, the SA layer's input.
+        widths: SA branch widths (c1, c2, c4, c7); 0 = no branch.
+        side: the stage's feature side at a 224x224 input: it fixes each branch's kernel
+            (3x3 while side / 2**i > 1, else 1x1; see `allocation.branch_kernel_size`).
+        stride: 2 for the first block of res3..res5 (a 2x2 max-pool), else 1.
+        shortcut_conv: True for the first block of every stage (res2 included).
         norm: a detectron2 norm name or callable (see `make_norm`).
     """
-
-    expansion = 4
 
     def __init__(
         self,
         in_channels: int,
-        planes: int,
+        out_channels: int,
+        *,
+        bottleneck_channels: int,
         widths: Sequence[int],
         side: int,
         stride: int = 1,
-        has_shortcut_conv: bool = False,
+        shortcut_conv: bool = False,
         norm="BN",
     ):
-        out_channels = self.expansion * planes
         super().__init__(in_channels, out_channels, stride)
         if stride not in (1, 2):
             raise ValueError(f"stride {stride}: a ScaleNet block has stride 1 or 2")
-        if not has_shortcut_conv and (stride != 1 or in_channels != out_channels):
+        if not shortcut_conv and (stride != 1 or in_channels != out_channels):
             raise ValueError(
-                f"a block with an identity shortcut needs stride 1 and in_channels == 4 * planes; got "
-                f"stride {stride}, in_channels {in_channels}, planes {planes}"
+                f"a block with an identity shortcut needs stride 1 and in_channels == out_channels; got "
+                f"stride {stride}, in_channels {in_channels}, out_channels {out_channels}"
             )
+        if len(widths) != len(SCALES) or min(widths) < 0 or sum(widths) == 0:
+            raise ValueError(f"widths {tuple(widths)}: expected 4 non-negative integers (c1, c2, c4, c7), not all 0")
+        self.widths = tuple(int(w) for w in widths)
+        self.side = side
 
-        self.conv1 = nn.Conv2d(in_channels, planes, kernel_size=1, bias=False)
-        self.bn1 = make_norm(norm, planes)
-        scale_aggregation = ScaleAggregation(planes, widths, side, norm)
-        # The SA layer's convs and norms are registered on the block as `conv2` and `bn2`,
-        # which is the published key layout (conv2.{i}.weight, bn2.{i}.*). The SA module
-        # itself is kept out of the block's children so they are not registered twice; it
-        # holds the same ModuleDicts, so freezing or moving the block reaches them.
-        self.conv2 = scale_aggregation.conv2
-        self.bn2 = scale_aggregation.bn2
-        self.__dict__["scale_aggregation"] = scale_aggregation
-        self.conv3 = nn.Conv2d(scale_aggregation.out_channels, out_channels, kernel_size=1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, bottleneck_channels, kernel_size=1, bias=False)
+        self.bn1 = make_norm(norm, bottleneck_channels)
+        self.conv2 = nn.ModuleDict()
+        self.bn2 = nn.ModuleDict()
+        for i, width in enumerate(self.widths):
+            if width > 0:  # a pruned branch has no conv and no norm
+                kernel = branch_kernel_size(side, i)
+                self.conv2[str(i)] = nn.Conv2d(bottleneck_channels, width, kernel, padding=kernel // 2, bias=False)
+                self.bn2[str(i)] = make_norm(norm, width)
+        # scale factor of each branch that exists, in the order of conv2 / bn2
+        self.scales = tuple(scale for scale, width in zip(SCALES, self.widths) if width > 0)
+        self.conv3 = nn.Conv2d(sum(self.widths), out_channels, kernel_size=1, bias=False)
         self.bn3 = make_norm(norm, out_channels)
-        if has_shortcut_conv:
+        if shortcut_conv:
             self.downsample = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
                 make_norm(norm, out_channels),
@@ -217,53 +178,69 @@ class SABottleneck(CNNBlockBase):
         else:
             self.downsample = None
 
-        convs = [self.conv1, self.conv3] + ([self.downsample[0]] if has_shortcut_conv else [])
-        for conv in convs:
-            weight_init.c2_msra_fill(conv)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                weight_init.c2_msra_fill(module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride == 2:
-            # the block's only downsampling: both paths see the pooled input
-            x = max_pool_clamped(x, 2)
+            x = max_pool_clamped(x, 2)  # the block's only downsampling: both paths see it
         shortcut = x if self.downsample is None else self.downsample(x)
 
         out = F.relu_(self.bn1(self.conv1(x)))
-        out = self.scale_aggregation(out)  # conv2 / bn2 branches, concat, ReLU
+        out = self.sa_layer(out)
         out = self.bn3(self.conv3(out))
         return F.relu_(out + shortcut)
 
+    def sa_layer(self, y: torch.Tensor) -> torch.Tensor:
+        """The scale-aggregation layer on conv1's activated output y."""
+        branches: List[torch.Tensor] = []
+        for scale, conv, norm in zip(self.scales, self.conv2.values(), self.bn2.values()):
+            if scale == 1:
+                branches.append(norm(conv(y)))
+            else:
+                branches.append(norm(resize_like(conv(max_pool_clamped(y, scale)), y)))  # norm after resize
+        return F.relu_(torch.cat(branches, dim=1))
 
-def make_stage(stage: StageAllocation, in_channels: int, first_stride: int, norm) -> nn.Sequential:
-    """The blocks of one stage, as in the published network: the first has the 1x1 shortcut
-    conv and the stage's stride (a 2x2 max-pool), the others an identity shortcut."""
-    blocks = []
-    for index, widths in enumerate(stage.blocks):
-        blocks.append(
-            SABottleneck(
-                in_channels,
-                stage.planes,
-                widths,
-                stage.side,
-                stride=first_stride if index == 0 else 1,
-                has_shortcut_conv=index == 0,
+    def extra_repr(self) -> str:
+        return f"widths={self.widths}, side={self.side}, stride={self.stride}"
+
+
+def make_scalenet_stages(allocation: Allocation, norm) -> List[List[SABottleneck]]:
+    """The blocks of res2..res5 of `allocation`, with `ResNet.make_stage`: the first block of a
+    stage has the 1x1 shortcut conv and, from res3 on, stride 2; the others an identity shortcut."""
+    stages, in_channels = [], allocation.stem_channels
+    for index, stage in enumerate(allocation.stages):
+        num_blocks = len(stage.blocks)
+        stages.append(
+            ResNet.make_stage(
+                SABottleneck,
+                num_blocks,
+                in_channels=in_channels,
+                out_channels=stage.out_channels,
+                bottleneck_channels=stage.planes,
+                widths_per_block=list(stage.blocks),
+                side=stage.side,
+                stride_per_block=[1 if index == 0 else 2] + [1] * (num_blocks - 1),
+                shortcut_conv_per_block=[True] + [False] * (num_blocks - 1),
                 norm=norm,
             )
         )
-        in_channels = blocks[-1].out_channels
-    return nn.Sequential(*blocks)
+        in_channels = stage.out_channels
+    return stages
 
 
-class ScaleNet(Backbone):
-    """ScaleNet body: detectron2's BasicStem, then stages res2..res5 of SABottleneck.
+class ScaleNet(ResNet):
+    """ScaleNet body: detectron2's ResNet with its BasicStem and stages res2..res5 of SABottleneck.
 
-    Outputs `res2`..`res5` (strides 4, 8, 16, 32; channels 4 * planes, 256..2048 for the
-    published allocations), those listed in `out_features`. Stages after the last requested
-    one are not built, as in detectron2's ResNet.
+    Outputs, strides, stage naming, FREEZE_AT and the dropping of stages after the last
+    requested output are those of detectron2's ResNet. Channels are 4 * planes (256..2048 for
+    the published allocations).
 
     Args:
         allocation: an `Allocation`, a bundled allocation name or an allocation file path.
         norm: detectron2 norm name ("FrozenBN", "BN", "SyncBN", "GN", ...) or callable.
-        out_features: which of res2..res5 to return.
+        out_features: which of stem, res2..res5 to return.
         freeze_at: as detectron2's ResNet: 0 nothing, 1 the stem, k >= 2 the stem and
             res2..res{k}; frozen parts get requires_grad=False and FrozenBN.
         in_channels: channels of the input image.
@@ -277,77 +254,38 @@ class ScaleNet(Backbone):
         freeze_at: int = 0,
         in_channels: int = 3,
     ):
-        super().__init__()
-        self.allocation = load_allocation(allocation)
+        allocation = load_allocation(allocation)
+        known = ("stem",) + STAGE_NAMES
         out_features = list(out_features)
-        unknown = [name for name in out_features if name not in STAGE_NAMES]
-        if not out_features or unknown:
-            raise ValueError(
-                f"ScaleNet out_features {out_features}: expected a non-empty subset of {list(STAGE_NAMES)}"
-            )
+        if not out_features or any(name not in known for name in out_features):
+            raise ValueError(f"ScaleNet out_features {out_features}: expected a non-empty subset of {list(known)}")
+        if not 0 <= freeze_at <= 5:
+            raise ValueError(f"freeze_at {freeze_at}: expected 0 (nothing) .. 5 (the stem and res2..res5)")
         make_norm(norm, 64)  # fail here, with a clear message, on an unknown norm
-        self._out_features = [name for name in STAGE_NAMES if name in out_features]
-
         # detectron2's stem is exactly the published one; give it ScaleNet's norm rules too
-        self.stem = BasicStem(in_channels, self.allocation.stem_channels, functools.partial(make_norm, norm))
-        self._out_feature_strides = {"stem": self.stem.stride}
-        self._out_feature_channels = {"stem": self.stem.out_channels}
-
-        num_stages = 1 + max(STAGE_NAMES.index(name) for name in self._out_features)
-        self.stage_names = STAGE_NAMES[:num_stages]
-        channels, stride = self.stem.out_channels, self.stem.stride
-        for index, stage in enumerate(self.allocation.stages[:num_stages]):
-            # res2 keeps the stem's resolution; res3..res5 halve it in their first block
-            blocks = make_stage(stage, channels, first_stride=1 if index == 0 else 2, norm=norm)
-            channels = blocks[-1].out_channels
-            stride *= blocks[0].stride
-            self.add_module(stage.name, blocks)
-            self._out_feature_strides[stage.name] = stride
-            self._out_feature_channels[stage.name] = channels
-
-        self.freeze(freeze_at)
-
-    def forward(self, x: torch.Tensor):
-        """x: (N, C, H, W) images, any H, W >= 1. Returns {name: feature} for out_features."""
-        if x.dim() != 4 or x.shape[1] != self.stem.in_channels or x.shape[-2] == 0 or x.shape[-1] == 0:
-            raise ValueError(
-                f"ScaleNet takes images of shape (N, {self.stem.in_channels}, H, W) with H, W >= 1; "
-                f"got a tensor of shape {tuple(x.shape)}"
-            )
-        outputs = {}
-        x = self.stem(x)
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
-            if name in self._out_features:
-                outputs[name] = x
-        return outputs
-
-    def output_shape(self):
-        return {
-            name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
-            for name in self._out_features
-        }
-
-    def freeze(self, freeze_at: int = 0):
-        """Freeze the stem (freeze_at >= 1) and res{k} (freeze_at >= k), as ResNet.freeze."""
-        if freeze_at >= 1:
-            self.stem.freeze()
-        for index, name in enumerate(self.stage_names, start=2):
-            if freeze_at >= index:
-                for block in getattr(self, name).children():
-                    block.freeze()
-        return self
+        stem = BasicStem(in_channels, allocation.stem_channels, functools.partial(make_norm, norm))
+        super().__init__(
+            stem,
+            make_scalenet_stages(allocation, norm),
+            out_features=[name for name in known if name in out_features],
+            freeze_at=freeze_at,
+        )
+        self.allocation = allocation
+        self.register_forward_pre_hook(_check_images)
 
 
-def _register(builder):
-    """Register `builder` once, so that reloading this module is harmless (the registry
-    keeps the first registration); a builder of the same name from elsewhere is an error."""
-    name = builder.__name__
-    if name not in BACKBONE_REGISTRY:
-        BACKBONE_REGISTRY.register(builder)
-    elif BACKBONE_REGISTRY.get(name).__module__ != builder.__module__:
-        raise RuntimeError(f"backbone {name!r} is already registered by {BACKBONE_REGISTRY.get(name).__module__}")
-    return builder
+def _check_images(body: ScaleNet, inputs: Tuple[torch.Tensor]) -> None:
+    """A clear error for what ResNet's forward would fail on deep inside a conv."""
+    x = inputs[0]
+    if x.dim() != 4 or x.shape[1] != body.stem.in_channels or x.shape[-2] == 0 or x.shape[-1] == 0:
+        raise ValueError(
+            f"ScaleNet takes images of shape (N, {body.stem.in_channels}, H, W) with H, W >= 1; "
+            f"got a tensor of shape {x.shape}"
+        )
+    if not x.is_floating_point():
+        raise ValueError(
+            f"ScaleNet takes floating-point images (normalised as MODEL.PIXEL_MEAN/PIXEL_STD say); got {x.dtype}"
+        )
 
 
 def _scalenet_from_cfg(cfg, input_shape: ShapeSpec) -> ScaleNet:
@@ -382,13 +320,13 @@ def _check_fpn_inputs(cfg, required: Sequence[str]) -> None:
         )
 
 
-@_register
+@BACKBONE_REGISTRY.register()
 def build_scalenet_backbone(cfg, input_shape: ShapeSpec):
     """ScaleNet body from cfg.MODEL.SCALENET (ALLOCATION, NORM, OUT_FEATURES) and BACKBONE.FREEZE_AT."""
     return _scalenet_from_cfg(cfg, input_shape)
 
 
-@_register
+@BACKBONE_REGISTRY.register()
 def build_scalenet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """FPN with LastLevelMaxPool (P6) on ScaleNet, as detectron2's build_resnet_fpn_backbone."""
     _check_fpn_inputs(cfg, cfg.MODEL.FPN.IN_FEATURES)
@@ -396,7 +334,7 @@ def build_scalenet_fpn_backbone(cfg, input_shape: ShapeSpec):
     return fpn_from_cfg(cfg, bottom_up, LastLevelMaxPool())
 
 
-@_register
+@BACKBONE_REGISTRY.register()
 def build_retinanet_scalenet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """FPN with P6/P7 from res5 on ScaleNet, as detectron2's build_retinanet_resnet_fpn_backbone."""
     _check_fpn_inputs(cfg, list(cfg.MODEL.FPN.IN_FEATURES) + ["res5"])

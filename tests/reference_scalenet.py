@@ -6,6 +6,7 @@ published checkpoint layout: conv1, bn1, layer1..layer4 of blocks with conv1, bn
 conv2.{i}, bn2.{i} (only branches with c_i > 0), conv3, bn3, downsample.{0,1}; fc.
 Like the published network, it fails where a feature map is smaller than a pooling factor.
 """
+
 import json
 
 import torch
@@ -87,7 +88,9 @@ class ReferenceScaleNet(nn.Module):
                 row = rows[r]
                 r += 1
                 layer.append(
-                    ReferenceBlock(inplanes, planes[k], row[:4], row[4], pool_input=(k > 0 and b == 0), shortcut_conv=(b == 0))
+                    ReferenceBlock(
+                        inplanes, planes[k], row[:4], row[4], pool_input=(k > 0 and b == 0), shortcut_conv=(b == 0)
+                    )
                 )
                 inplanes = planes[k] * 4
             setattr(self, f"layer{k + 1}", nn.Sequential(*layer))

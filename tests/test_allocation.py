@@ -1,4 +1,5 @@
 """Allocation files: the bundled ones, the published row format, and every kind of bad file."""
+
 import json
 import os
 
@@ -59,12 +60,21 @@ def test_bundled_names_are_the_files_shipped():
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
-def test_published_row_format_is_read_unchanged(published_allocations_dir, name):
-    path = published_allocations_dir / f"{name}.json"
+def test_published_row_format_is_read_unchanged(tmp_path, name):
+    # the bundled allocation written back in the published row format reads as the same network
+    rows = load_allocation(name).to_rows()
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(rows))
     published = load_allocation(str(path))
     assert published.same_network(load_allocation(name))
-    assert published.to_rows() == json.loads(path.read_text())
+    assert published.to_rows() == rows
     assert published.name == name and published.source == str(path)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_bundled_files_transcribe_the_published_ones(published_allocations_dir, name):
+    path = published_allocations_dir / f"{name}.json"
+    assert load_allocation(name).to_rows() == json.loads(path.read_text())
 
 
 def test_bundled_files_are_reproduced_by_the_generator(published_allocations_dir, repo_root, capsys):
@@ -172,7 +182,9 @@ def test_row_of_wrong_length(tmp_path):
     rows = _rows()
     rows[4] = [30, 20, 10, 28]
     path = _write(tmp_path, rows)
-    with pytest.raises(AllocationError, match=r"row 5 of 16 \(block res3\.1\): \[30, 20, 10, 28\]; expected \[c1, c2, c4, c7, side\]"):
+    with pytest.raises(
+        AllocationError, match=r"row 5 of 16 \(block res3\.1\): \[30, 20, 10, 28\]; expected \[c1, c2, c4, c7, side\]"
+    ):
         load_allocation(path)
 
 
@@ -222,9 +234,7 @@ def test_unknown_scale_factors(tmp_path, scales):
     path = _write(tmp_path, _project(scales=scales))
     with pytest.raises(AllocationError) as info:
         load_allocation(path)
-    assert str(info.value) == (
-        f"{path}: \"scales\" is {scales!r}; expected [1, 2, 4, 7], the scale factors of ScaleNet"
-    )
+    assert str(info.value) == (f'{path}: "scales" is {scales!r}; expected [1, 2, 4, 7], the scale factors of ScaleNet')
 
 
 def test_project_format_block_errors_name_stage_and_block(tmp_path):
@@ -240,7 +250,10 @@ def test_project_format_block_errors_name_stage_and_block(tmp_path):
     data = _project()
     data["stages"][0]["blocks"][0] = [4, 2, 1, 1, 56]
     path = _write(tmp_path, data)
-    with pytest.raises(AllocationError, match=r"stages\[0\] \(res2\) blocks\[0\] \(block res2\.0\): widths \[4, 2, 1, 1, 56\]; expected a list of 4 integers"):
+    with pytest.raises(
+        AllocationError,
+        match=r"stages\[0\] \(res2\) blocks\[0\] \(block res2\.0\): widths \[4, 2, 1, 1, 56\]; expected a list of 4 integers",
+    ):
         load_allocation(path)
 
     data = _project()
@@ -277,7 +290,9 @@ def test_project_format_field_errors(tmp_path, change, expected):
 
 
 def test_allocations_built_in_code_are_validated():
-    with pytest.raises(AllocationError, match=r"stage res3 block res3\.1: width c7 = -2; expected a non-negative integer"):
+    with pytest.raises(
+        AllocationError, match=r"stage res3 block res3\.1: width c7 = -2; expected a non-negative integer"
+    ):
         StageAllocation("res3", 16, 28, ((8, 4, 2, 2), (8, 4, 2, -2)))
     with pytest.raises(AllocationError, match=r"stage res2: planes = 0; expected a positive integer"):
         StageAllocation("res2", 0, 56, ((1, 1, 1, 1),))

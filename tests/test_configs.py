@@ -1,11 +1,11 @@
 """Shipped configs: they merge, build their model on CPU, and ScaleNet/ResNet twins differ
 only in the backbone."""
+
 import glob
 import os
 
 import pytest
 import torch
-
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
@@ -23,10 +23,18 @@ CONFIGS = sorted(
 REQUIRED = [
     f"configs/COCO-Detection/{n}.yaml"
     for n in (
-        "faster_rcnn_S50_FPN_1x", "faster_rcnn_S50_FPN_3x", "faster_rcnn_S50light_FPN_1x",
-        "faster_rcnn_S101_FPN_1x", "faster_rcnn_S101_FPN_3x", "faster_rcnn_S152_FPN_3x",
-        "retinanet_S50_FPN_1x", "faster_rcnn_R50_FPN_1x", "faster_rcnn_R50_FPN_3x",
-        "faster_rcnn_R101_FPN_1x", "faster_rcnn_R101_FPN_3x", "retinanet_R50_FPN_1x",
+        "faster_rcnn_S50_FPN_1x",
+        "faster_rcnn_S50_FPN_3x",
+        "faster_rcnn_S50light_FPN_1x",
+        "faster_rcnn_S101_FPN_1x",
+        "faster_rcnn_S101_FPN_3x",
+        "faster_rcnn_S152_FPN_3x",
+        "retinanet_S50_FPN_1x",
+        "faster_rcnn_R50_FPN_1x",
+        "faster_rcnn_R50_FPN_3x",
+        "faster_rcnn_R101_FPN_1x",
+        "faster_rcnn_R101_FPN_3x",
+        "retinanet_R50_FPN_1x",
     )
 ] + [
     f"configs/PaperProtocol/faster_rcnn_{b}_FPN_1x_{s}.yaml"
@@ -112,8 +120,12 @@ def test_coco_configs_weights_and_normalisation(path):
     assert not cfg.MODEL.MASK_ON
     if "scalenet" in cfg.MODEL.BACKBONE.NAME:
         alloc = cfg.MODEL.SCALENET.ALLOCATION
-        expected = {"scalenet50": "ScaleNet-50", "scalenet50_light": "ScaleNet-50-light",
-                    "scalenet101": "ScaleNet-101", "scalenet152": "ScaleNet-152"}[alloc]
+        expected = {
+            "scalenet50": "ScaleNet-50",
+            "scalenet50_light": "ScaleNet-50-light",
+            "scalenet101": "ScaleNet-101",
+            "scalenet152": "ScaleNet-152",
+        }[alloc]
         assert cfg.MODEL.WEIGHTS == f"pretrained/{expected}.pkl"
         assert cfg.MODEL.SCALENET.NORM == "FrozenBN"
     else:

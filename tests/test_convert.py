@@ -1,4 +1,5 @@
 """Checkpoint conversion (published layout -> detectron2) and strict loading."""
+
 import argparse
 import os
 import pickle
@@ -8,25 +9,20 @@ import sys
 
 import pytest
 import torch
-
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from reference_scalenet import ReferenceScaleNet, randomize, rows_from_project_file
 
 import scalenet_d2
 from scalenet_d2 import (
-    EXPECTED_INPUT,
     CheckpointMismatchError,
     ScaleNet,
     ScaleNetCheckpointer,
-    add_scalenet_config,
     convert_published_checkpoint,
     convert_published_state_dict,
     infer_allocation,
     load_allocation,
 )
-
-from reference_scalenet import ReferenceScaleNet, randomize, rows_from_project_file
 
 TINY_FILE = scalenet_d2.allocation.BUNDLED_DIR / "scalenet_tiny.json"
 
@@ -49,8 +45,15 @@ def converted(tmp_path_factory, tiny_state_dict):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
-        [sys.executable, os.path.join(repo, "tools", "convert_scalenet_to_d2.py"), str(folder / "tiny.pth"), str(folder / "tiny.pkl")],
-        capture_output=True, text=True, env=env,
+        [
+            sys.executable,
+            os.path.join(repo, "tools", "convert_scalenet_to_d2.py"),
+            str(folder / "tiny.pth"),
+            str(folder / "tiny.pkl"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     return folder / "tiny.pkl", result.stdout
@@ -61,7 +64,9 @@ def test_cli_converts_and_says_what_it_did(converted, tiny_state_dict):
     assert "Allocation (inferred from the weight shapes): 'scalenet_tiny' (depth 14" in stdout
     assert "Dropped the ImageNet classifier: fc.weight (1000, 256), fc.bias (1000,)." in stdout
     assert "INPUT.FORMAT RGB" in stdout
-    assert "MODEL.PIXEL_MEAN [123.675, 116.28, 103.53]" in stdout and "MODEL.PIXEL_STD [58.395, 57.12, 57.375]" in stdout
+    assert (
+        "MODEL.PIXEL_MEAN [123.675, 116.28, 103.53]" in stdout and "MODEL.PIXEL_STD [58.395, 57.12, 57.375]" in stdout
+    )
     assert "release does not state" in stdout
 
     with open(path, "rb") as f:
@@ -73,9 +78,13 @@ def test_cli_converts_and_says_what_it_did(converted, tiny_state_dict):
     expected_keys = {k for k in ScaleNet("scalenet_tiny").state_dict()}
     assert set(weights) == expected_keys
     torch.testing.assert_close(torch.as_tensor(weights["stem.conv1.weight"]), tiny_state_dict["conv1.weight"])
-    torch.testing.assert_close(torch.as_tensor(weights["stem.conv1.norm.running_var"]), tiny_state_dict["bn1.running_var"])
+    torch.testing.assert_close(
+        torch.as_tensor(weights["stem.conv1.norm.running_var"]), tiny_state_dict["bn1.running_var"]
+    )
     torch.testing.assert_close(torch.as_tensor(weights["res5.0.bn2.3.bias"]), tiny_state_dict["layer4.0.bn2.3.bias"])
-    torch.testing.assert_close(torch.as_tensor(weights["res3.0.downsample.0.weight"]), tiny_state_dict["layer2.0.downsample.0.weight"])
+    torch.testing.assert_close(
+        torch.as_tensor(weights["res3.0.downsample.0.weight"]), tiny_state_dict["layer2.0.downsample.0.weight"]
+    )
 
 
 @pytest.mark.parametrize("wrap", ["bare", "state_dict", "model", "module_prefix", "state_dict_module_prefix"])
@@ -84,7 +93,10 @@ def test_checkpoint_wrappers_are_accepted(tmp_path, tiny_state_dict, wrap):
     if "module_prefix" in wrap:
         state = {"module." + k: v for k, v in state.items()}
     obj = {"bare": state, "module_prefix": state, "model": {"model": state, "epoch": 90}}.get(wrap) or {
-        "state_dict": state, "epoch": 90, "arch": "scalenet_tiny", "best_acc1": torch.tensor(70.0)
+        "state_dict": state,
+        "epoch": 90,
+        "arch": "scalenet_tiny",
+        "best_acc1": torch.tensor(70.0),
     }
     torch.save(obj, tmp_path / "in.pth")
     result = convert_published_checkpoint(str(tmp_path / "in.pth"), str(tmp_path / "out.pkl"), log=lambda s: None)
@@ -94,59 +106,29 @@ def test_checkpoint_wrappers_are_accepted(tmp_path, tiny_state_dict, wrap):
     assert result.dropped_counters == sum(k.endswith("num_batches_tracked") for k in tiny_state_dict)
 
 
-def _detector_cfg(variant, allocation="scalenet_tiny"):
-    cfg = get_cfg()
-    add_scalenet_config(cfg)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.SCALENET.ALLOCATION = allocation
-    for key, value in EXPECTED_INPUT.items():
-        cfg.merge_from_list([key, str(value)])
-    if variant == "plain":
-        cfg.MODEL.BACKBONE.NAME = "build_scalenet_backbone"
-        cfg.MODEL.SCALENET.OUT_FEATURES = ["res4", "res5"]
-        cfg.MODEL.RPN.IN_FEATURES = ["res5"]
-        cfg.MODEL.ROI_HEADS.IN_FEATURES = ["res5"]
-        cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
-        cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 1
-    elif variant == "fpn":
-        cfg.MODEL.BACKBONE.NAME = "build_scalenet_fpn_backbone"
-        cfg.MODEL.SCALENET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-        cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-        cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
-        cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
-        cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
-        cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
-        cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 1
-    else:
-        cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
-        cfg.MODEL.BACKBONE.NAME = "build_retinanet_scalenet_fpn_backbone"
-        cfg.MODEL.SCALENET.OUT_FEATURES = ["res3", "res4", "res5"]
-        cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"  # detectron2's default, Res5ROIHeads, builds a ResNet res5
-    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
-    return cfg
-
-
-@pytest.mark.parametrize("variant, prefix", [("plain", "backbone."), ("fpn", "backbone.bottom_up."), ("retinanet", "backbone.bottom_up.")])
-def test_converted_weights_load_into_every_variant(converted, variant, prefix):
+@pytest.mark.parametrize(
+    "variant, prefix", [("plain", "backbone."), ("fpn", "backbone.bottom_up."), ("retinanet", "backbone.bottom_up.")]
+)
+def test_converted_weights_load_into_every_variant(converted, variant, prefix, detector_cfg):
     path, _ = converted
     with open(path, "rb") as f:
         weights = pickle.load(f)["model"]
-    model = build_model(_detector_cfg(variant))
+    model = build_model(detector_cfg(variant))
     ScaleNetCheckpointer(model).load(str(path))
     state = model.state_dict()
-    backbone_keys = {k[len(prefix):] for k in state if k.startswith(prefix)}
-    assert backbone_keys == set(weights)  # no backbone weight missing, none left unused
-    for key, value in weights.items():
-        assert torch.equal(state[prefix + key], torch.as_tensor(value)), key
+    backbone_keys = {k[len(prefix) :] for k in state if k.startswith(prefix)}
+    body = model.backbone if variant == "plain" else model.backbone.bottom_up
+    built = {k for k in weights if k.startswith(("stem.",) + tuple(f"{name}." for name in body.stage_names))}
+    assert backbone_keys == built  # no backbone weight missing, none left unused
+    for key in built:
+        assert torch.equal(state[prefix + key], torch.as_tensor(weights[key])), key
 
     # detectron2's own checkpointer finds the same tensors by suffix matching
-    other = build_model(_detector_cfg(variant))
+    other = build_model(detector_cfg(variant))
     DetectionCheckpointer(other).load(str(path))
     other_state = other.state_dict()
-    for key, value in weights.items():
-        assert torch.equal(other_state[prefix + key], torch.as_tensor(value)), key
+    for key in built:
+        assert torch.equal(other_state[prefix + key], torch.as_tensor(weights[key])), key
 
 
 def test_stages_the_model_does_not_build_are_skipped(converted):
@@ -167,14 +149,17 @@ def _other_tiny(tmp_path, change):
     return str(path)
 
 
-def test_mismatching_checkpoint_fails_at_load_with_first_key_and_shapes(converted, tmp_path):
+def test_mismatching_checkpoint_fails_at_load_with_first_key_and_shapes(converted, tmp_path, detector_cfg):
     path, _ = converted
     variant = _other_tiny(tmp_path, lambda d: d["stages"][1]["blocks"].__setitem__(0, [9, 4, 2, 1]))
-    model = build_model(_detector_cfg("fpn", allocation=variant))
+    model = build_model(detector_cfg("fpn", allocation=variant))
     with pytest.raises(CheckpointMismatchError) as info:
         ScaleNetCheckpointer(model).load(str(path))
     message = str(info.value)
-    assert f"{path} (converted from allocation 'scalenet_tiny') does not fit the model's ScaleNet 'backbone.bottom_up'" in message
+    assert (
+        f"{path} (converted from allocation 'scalenet_tiny') does not fit the model's ScaleNet 'backbone.bottom_up'"
+        in message
+    )
     assert (
         "first mismatching key 'res3.0.conv2.0.weight': shape (8, 16, 3, 3) in the checkpoint, (9, 16, 3, 3) in the model"
         in message
@@ -190,7 +175,10 @@ def test_missing_and_unused_keys_fail_at_load(converted, tmp_path):
     with pytest.raises(CheckpointMismatchError) as info:
         ScaleNetCheckpointer(ScaleNet(variant)).load(str(path))
     message = str(info.value)
-    assert "first mismatching key 'res2.0.conv2.2.weight': shape (1, 8, 3, 3) in the checkpoint, (2, 8, 3, 3) in the model" in message
+    assert (
+        "first mismatching key 'res2.0.conv2.2.weight': shape (1, 8, 3, 3) in the checkpoint, (2, 8, 3, 3) in the model"
+        in message
+    )
     assert "5 keys of the checkpoint not in the model (first: 'res2.0.conv2.3.weight')" in message
 
     # a checkpoint that lacks keys the model has
@@ -200,7 +188,10 @@ def test_missing_and_unused_keys_fail_at_load(converted, tmp_path):
     broken = tmp_path / "broken.pkl"
     with open(broken, "wb") as f:
         pickle.dump(data, f)
-    with pytest.raises(CheckpointMismatchError, match=r"1 keys of the model missing from the checkpoint \(first: 'res4.0.bn3.running_var'\)"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"1 keys of the model missing from the checkpoint \(first: 'res4.0.bn3.running_var'\)",
+    ):
         ScaleNetCheckpointer(ScaleNet("scalenet_tiny")).load(str(broken))
 
 
@@ -220,16 +211,23 @@ def test_converter_checks_the_given_allocation(tmp_path, tiny_state_dict):
     assert str(info.value).startswith(
         f"{tmp_path / 'tiny.pth'} does not fit allocation 'scalenet50' (depth 50, blocks 3/4/6/3) from "
     )
-    assert "first mismatching key 'conv1.weight': shape (16, 3, 7, 7) in the checkpoint, (64, 3, 7, 7) in the allocation" in str(info.value)
+    assert (
+        "first mismatching key 'conv1.weight': shape (16, 3, 7, 7) in the checkpoint, (64, 3, 7, 7) in the allocation"
+        in str(info.value)
+    )
     assert not (tmp_path / "out.pkl").exists()
 
     # the CLI reports the same and exits with 1, no traceback
-    tool = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "tools", "convert_scalenet_to_d2.py"), run_name="tool")
+    tool = runpy.run_path(
+        os.path.join(os.path.dirname(__file__), "..", "tools", "convert_scalenet_to_d2.py"), run_name="tool"
+    )
     assert tool["main"]([str(tmp_path / "tiny.pth"), str(tmp_path / "out.pkl"), "--allocation", "scalenet50"]) == 1
 
 
 def test_inference_of_unbundled_allocations_and_bad_checkpoints(tmp_path):
-    reference = ReferenceScaleNet([[5, 0, 2, 1, 56], [3, 3, 0, 2, 28], [30, 1, 1, 0, 14], [60, 3, 0, 1, 7]], [1, 1, 1, 1], [8, 16, 32, 64], 16)
+    reference = ReferenceScaleNet(
+        [[5, 0, 2, 1, 56], [3, 3, 0, 2, 28], [30, 1, 1, 0, 14], [60, 3, 0, 1, 7]], [1, 1, 1, 1], [8, 16, 32, 64], 16
+    )
     state = reference.state_dict()
     allocation = infer_allocation(state, source="custom.pth")
     assert allocation.name == "custom" and allocation.source == "custom.pth"
@@ -251,13 +249,17 @@ def test_inference_of_unbundled_allocations_and_bad_checkpoints(tmp_path):
     # a kernel that the published sides do not give
     state = dict(state)
     state["layer4.0.conv2.3.weight"] = torch.zeros(1, 64, 3, 3)
-    with pytest.raises(CheckpointMismatchError, match=r"'layer4.0.conv2.3.weight' has kernel 3, but a res5 branch 3 .* has kernel 1"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"'layer4.0.conv2.3.weight' has kernel 3, but a res5 branch 3 .* has kernel 1"
+    ):
         infer_allocation(state, source="custom.pth")
 
     # not a ScaleNet at all
     import torchvision
 
-    with pytest.raises(CheckpointMismatchError, match=r"resnet.pth: 'layer1.0.conv2.weight' is a single conv, as in ResNet"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"resnet.pth: 'layer1.0.conv2.weight' is a single conv, as in ResNet"
+    ):
         convert_published_state_dict(torchvision.models.resnet18().state_dict(), source="resnet.pth")
     with pytest.raises(CheckpointMismatchError, match=r"x.pth: no 'conv1.weight'"):
         convert_published_state_dict({"stem.conv1.weight": torch.zeros(1)}, source="x.pth")
@@ -273,5 +275,7 @@ def test_file_errors(tmp_path, tiny_state_dict):
     torch.save({"state_dict": tiny_state_dict, "args": argparse.Namespace(arch="scalenet")}, tmp_path / "args.pth")
     with pytest.raises(CheckpointMismatchError, match=r"cannot be read with weights_only=True .* \(--allow-pickle\)"):
         convert_published_checkpoint(str(tmp_path / "args.pth"), str(tmp_path / "out.pkl"))
-    result = convert_published_checkpoint(str(tmp_path / "args.pth"), str(tmp_path / "out.pkl"), allow_pickle=True, log=lambda s: None)
+    result = convert_published_checkpoint(
+        str(tmp_path / "args.pth"), str(tmp_path / "out.pkl"), allow_pickle=True, log=lambda s: None
+    )
     assert result.allocation.name == "scalenet_tiny"

@@ -1,4 +1,5 @@
 """The environment is real: stock detectron2 trains, infers and evaluates on this CPU."""
+
 import json
 import os
 import subprocess
@@ -7,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from detectron2 import model_zoo
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -18,9 +18,7 @@ from detectron2.utils.events import EventStorage
 
 from scalenet_d2.evaluation import build_coco_evaluator, has_compiled_ops
 
-needs_fallback = pytest.mark.skipif(
-    has_compiled_ops(), reason="detectron2 here was built with its compiled ops"
-)
+needs_fallback = pytest.mark.skipif(has_compiled_ops(), reason="detectron2 here was built with its compiled ops")
 
 
 def _synthetic_batch(height=224, width=288):
@@ -69,10 +67,16 @@ def _write_coco(tmp_path, num_images=3):
         cv2.imwrite(str(tmp_path / f"{image_id}.png"), rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
         images.append({"id": image_id, "file_name": f"{image_id}.png", "height": h, "width": w})
         for k, (x, y, bw, bh) in enumerate([(5, 6, 30, 20), (40, 30, 25, 28)]):
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": k + 1,
-                "bbox": [x + image_id, y, bw, bh], "area": bw * bh, "iscrowd": 0,
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": k + 1,
+                    "bbox": [x + image_id, y, bw, bh],
+                    "area": bw * bh,
+                    "iscrowd": 0,
+                }
+            )
     categories = [{"id": 1, "name": "square"}, {"id": 2, "name": "disc"}]
     path = tmp_path / "annotations.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
@@ -162,19 +166,26 @@ def test_pip_check_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_import_twice_registers_each_backbone_once():
+def test_importing_the_package_registers_its_builders():
+    # a fresh interpreter: what `import scalenet_d2` alone registers with detectron2
     code = (
-        "import importlib, scalenet_d2, scalenet_d2 as again\n"
-        "importlib.reload(scalenet_d2)\n"
         "from detectron2.modeling import BACKBONE_REGISTRY\n"
-        "names = [n for n, _ in BACKBONE_REGISTRY]\n"
-        "print(sorted(n for n in names if 'scalenet' in n))\n"
+        "before = {n for n, _ in BACKBONE_REGISTRY}\n"
+        "import scalenet_d2\n"
+        "print(sorted((n, f.__module__) for n, f in BACKBONE_REGISTRY if n not in before))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == str(sorted([
-        "build_retinanet_scalenet_fpn_backbone", "build_scalenet_backbone", "build_scalenet_fpn_backbone",
-    ]))
+    assert result.stdout.strip() == str(
+        sorted(
+            [
+                ("build_resnet_twin_fpn_backbone", "scalenet_d2.resnet_twin"),
+                ("build_retinanet_scalenet_fpn_backbone", "scalenet_d2.scalenet"),
+                ("build_scalenet_backbone", "scalenet_d2.scalenet"),
+                ("build_scalenet_fpn_backbone", "scalenet_d2.scalenet"),
+            ]
+        )
+    )
 
 
 def test_setup_is_idempotent(repo_root):

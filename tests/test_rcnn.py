@@ -1,64 +1,22 @@
 """Detectors on ScaleNet: each backbone variant builds, trains a CPU step with finite losses,
 and infers on small, odd-sized and very wide images."""
+
 import pytest
 import torch
-
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from scalenet_d2 import EXPECTED_INPUT, ScaleNet, add_scalenet_config
-
-
-def detector_cfg(variant, allocation="scalenet_tiny"):
-    cfg = get_cfg()
-    add_scalenet_config(cfg)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.SCALENET.ALLOCATION = allocation
-    cfg.INPUT.FORMAT = EXPECTED_INPUT["INPUT.FORMAT"]
-    cfg.MODEL.PIXEL_MEAN = EXPECTED_INPUT["MODEL.PIXEL_MEAN"]
-    cfg.MODEL.PIXEL_STD = EXPECTED_INPUT["MODEL.PIXEL_STD"]
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
-    cfg.MODEL.RETINANET.NUM_CLASSES = 3
-    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
-    cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 300
-    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 100
-    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 128
-    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
-    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
-    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
-    cfg.MODEL.FPN.OUT_CHANNELS = 64
-    if variant == "plain":  # RPN and box head on res4, as a C4 detector without the res5 head
-        cfg.MODEL.BACKBONE.NAME = "build_scalenet_backbone"
-        cfg.MODEL.SCALENET.OUT_FEATURES = ["res4"]
-        cfg.MODEL.RPN.IN_FEATURES = ["res4"]
-        cfg.MODEL.ROI_HEADS.IN_FEATURES = ["res4"]
-        cfg.MODEL.ROI_BOX_HEAD.NUM_CONV = 1
-        cfg.MODEL.ROI_BOX_HEAD.CONV_DIM = 64
-    elif variant == "fpn":
-        cfg.MODEL.BACKBONE.NAME = "build_scalenet_fpn_backbone"
-        cfg.MODEL.SCALENET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-        cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-        cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
-        cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
-        cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
-    elif variant == "retinanet":
-        cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
-        cfg.MODEL.BACKBONE.NAME = "build_retinanet_scalenet_fpn_backbone"
-        cfg.MODEL.SCALENET.OUT_FEATURES = ["res3", "res4", "res5"]
-        cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
-        cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[x, x * 2 ** (1 / 3), x * 2 ** (2 / 3)] for x in [32, 64, 128, 256, 512]]
-        cfg.MODEL.RETINANET.TOPK_CANDIDATES_TEST = 100
-    else:
-        raise ValueError(variant)
-    return cfg
+from scalenet_d2 import ScaleNet
 
 
 def training_batch(height=96, width=128):
     g = torch.Generator().manual_seed(0)
     batch = []
-    for boxes, classes in [([[8.0, 10.0, 60.0, 70.0], [50.0, 20.0, 120.0, 90.0]], [0, 2]), ([[30.0, 5.0, 90.0, 60.0]], [1])]:
+    for boxes, classes in [
+        ([[8.0, 10.0, 60.0, 70.0], [50.0, 20.0, 120.0, 90.0]], [0, 2]),
+        ([[30.0, 5.0, 90.0, 60.0]], [1]),
+    ]:
         instances = Instances((height, width))
         instances.gt_boxes = Boxes(torch.tensor(boxes))
         instances.gt_classes = torch.tensor(classes)
@@ -89,7 +47,7 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_detector_trains_a_step_and_infers_on_any_image_size(variant):
+def test_detector_trains_a_step_and_infers_on_any_image_size(variant, detector_cfg):
     torch.manual_seed(0)
     cfg = detector_cfg(variant)
     model = build_model(cfg)
@@ -99,7 +57,10 @@ def test_detector_trains_a_step_and_infers_on_any_image_size(variant):
     losses, changed = train_one_step(model, training_batch())
     assert set(losses) == VARIANTS[variant]
     # FREEZE_AT defaults to 2: the stem and res2 stay, later ScaleNet stages train
-    assert not any(n.startswith(("backbone.stem", "backbone.res2", "backbone.bottom_up.stem", "backbone.bottom_up.res2")) for n in changed)
+    assert not any(
+        n.startswith(("backbone.stem", "backbone.res2", "backbone.bottom_up.stem", "backbone.bottom_up.res2"))
+        for n in changed
+    )
     assert any(".res4.0.conv2." in n for n in changed)
 
     model.eval()
@@ -113,7 +74,7 @@ def test_detector_trains_a_step_and_infers_on_any_image_size(variant):
         assert torch.isfinite(instances.pred_boxes.tensor).all() and torch.isfinite(instances.scores).all()
 
 
-def test_full_allocation_detector_trains_a_step():
+def test_full_allocation_detector_trains_a_step(detector_cfg):
     torch.manual_seed(0)
     cfg = detector_cfg("fpn", allocation="scalenet50")
     cfg.MODEL.BACKBONE.FREEZE_AT = 0

@@ -1,4 +1,5 @@
 """The built-in synthetic detection dataset: deterministic, varied, cached once, registered."""
+
 import itertools
 import json
 import os
@@ -113,7 +114,9 @@ def test_hand_edited_cache_is_refused(tmp_path):
     coco["info"]["spec"]["num_images"] = 3
     with open(json_file, "w") as f:
         json.dump(coco, f)
-    with pytest.raises(RuntimeError, match=r"annotations\.json: info\.generator_version/spec .* expected .*num_images': 8"):
+    with pytest.raises(
+        RuntimeError, match=r"annotations\.json: info\.generator_version/spec .* expected .*num_images': 8"
+    ):
         S.ensure_split("synthetic_shapes_tiny_val", tmp_path)
 
 

@@ -4,6 +4,7 @@ A few iterations of the tiny ScaleNet-FPN: checkpoints, --resume continuing from
 iteration, --eval-only printing the COCO table, a 2-process CPU (gloo) run, and the
 start-up errors for missing weights and datasets.
 """
+
 import json
 import os
 import re
@@ -15,13 +16,20 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/Synthetic/faster_rcnn_Stiny_FPN.yaml"
 TINY = [
-    "DATASETS.TRAIN", '("synthetic_shapes_tiny_train",)',
-    "DATASETS.TEST", '("synthetic_shapes_tiny_val",)',
-    "DATALOADER.NUM_WORKERS", "0",
-    "SOLVER.IMS_PER_BATCH", "2",
-    "SOLVER.WARMUP_ITERS", "2",
-    "SOLVER.STEPS", "()",
-    "SOLVER.CHECKPOINT_PERIOD", "2",
+    "DATASETS.TRAIN",
+    '("synthetic_shapes_tiny_train",)',
+    "DATASETS.TEST",
+    '("synthetic_shapes_tiny_val",)',
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.WARMUP_ITERS",
+    "2",
+    "SOLVER.STEPS",
+    "()",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "2",
 ]
 
 
@@ -69,12 +77,12 @@ def test_train_writes_checkpoints_logs_and_results(trained):
     assert set(box) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     with open(os.path.join(out, "run_info.json")) as f:
         info = json.load(f)
-    assert info["backbone"] == "build_scalenet_fpn_backbone" and info["num_processes"] == 1
+    assert info["backbone"] == "build_scalenet_fpn_backbone" and info["train_num_processes"] == 1
     assert info["backbone_params"] > 0 and info["backbone_flops"]["224x224"] > 0
     assert set(info["backbone_flops"]) == {"224x224", "160x160"}
     assert info["train_s_per_iter"] > 0 and info["inference_s_per_image"] > 0
     assert info["train_peak_memory_mb"] > 0 and "CPU" in info["train_peak_memory_kind"]
-    assert "CPU" in info["machine"]
+    assert "CPU" in info["train_machine"] and info["train_config_file"].endswith(CONFIG)
 
 
 def test_resume_continues_from_saved_iteration(trained, env):
@@ -91,7 +99,9 @@ def test_eval_only_prints_coco_table(trained, env):
     out, _ = trained
     eval_dir = os.path.join(out, "eval")
     ckpt = os.path.join(out, "model_0000003.pth")
-    rc, log = train_net(env, "--config-file", CONFIG, "--eval-only", *TINY, "MODEL.WEIGHTS", ckpt, "OUTPUT_DIR", eval_dir)
+    rc, log = train_net(
+        env, "--config-file", CONFIG, "--eval-only", *TINY, "MODEL.WEIGHTS", ckpt, "OUTPUT_DIR", eval_dir
+    )
     assert rc == 0, log[-3000:]
     assert f"Loading from {ckpt}" in log
     assert "Starting training" not in log
@@ -100,7 +110,7 @@ def test_eval_only_prints_coco_table(trained, env):
     with open(os.path.join(eval_dir, "run_info.json")) as f:
         info = json.load(f)
     assert info["eval_weights"] == ckpt and info["inference_s_per_image"] > 0
-    assert info["eval_num_processes"] == 1 and "num_processes" not in info  # training fields only from training
+    assert info["eval_num_processes"] == 1 and "train_num_processes" not in info  # training fields only from training
     assert info["eval_peak_memory_mb"] > 0
 
 
@@ -113,7 +123,7 @@ def test_two_processes_on_cpu_gloo(env, tmp_path):
     with open(tmp_path / "log.txt.rank1") as f:  # the second process ran the same job
         assert "Rank of current process: 1. World size: 2" in f.read()
     with open(tmp_path / "run_info.json") as f:
-        assert json.load(f)["num_processes"] == 2
+        assert json.load(f)["train_num_processes"] == 2
     assert (tmp_path / "model_final.pth").is_file()
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
 
@@ -121,14 +131,24 @@ def test_two_processes_on_cpu_gloo(env, tmp_path):
 def test_missing_weights_fail_at_start_with_instruction(env, tmp_path):
     e = dict(env, SCALENET_D2_PRETRAINED=str(tmp_path))
     rc, log = train_net(
-        e, "--config-file", "configs/COCO-Detection/faster_rcnn_S50_FPN_1x.yaml", "OUTPUT_DIR", str(tmp_path), timeout=120
+        e,
+        "--config-file",
+        "configs/COCO-Detection/faster_rcnn_S50_FPN_1x.yaml",
+        "OUTPUT_DIR",
+        str(tmp_path),
+        timeout=120,
     )
     assert rc != 0
     assert "MODEL.WEIGHTS 'pretrained/ScaleNet-50.pkl'" in log
     assert os.path.join(str(tmp_path), "ScaleNet-50.pkl") in log  # every place it looked
     assert "python tools/convert_scalenet_to_d2.py" in log and "Traceback" not in log
     rc, log = train_net(
-        e, "--config-file", "configs/COCO-Detection/faster_rcnn_R50_FPN_1x.yaml", "OUTPUT_DIR", str(tmp_path), timeout=120
+        e,
+        "--config-file",
+        "configs/COCO-Detection/faster_rcnn_R50_FPN_1x.yaml",
+        "OUTPUT_DIR",
+        str(tmp_path),
+        timeout=120,
     )
     assert rc != 0 and "convert-torchvision-to-d2.py" in log and "Traceback" not in log
 
@@ -136,8 +156,15 @@ def test_missing_weights_fail_at_start_with_instruction(env, tmp_path):
 def test_missing_coco_fails_at_start_naming_path(env, tmp_path):
     e = dict(env, DETECTRON2_DATASETS=str(tmp_path / "nowhere"))
     rc, log = train_net(
-        e, "--config-file", "configs/COCO-Detection/faster_rcnn_S50_FPN_1x.yaml", "--eval-only",
-        "MODEL.WEIGHTS", "", "OUTPUT_DIR", str(tmp_path), timeout=120,
+        e,
+        "--config-file",
+        "configs/COCO-Detection/faster_rcnn_S50_FPN_1x.yaml",
+        "--eval-only",
+        "MODEL.WEIGHTS",
+        "",
+        "OUTPUT_DIR",
+        str(tmp_path),
+        timeout=120,
     )
     assert rc != 0 and "Traceback" not in log
     assert str(tmp_path / "nowhere" / "coco" / "annotations" / "instances_val2017.json") in log

@@ -16,12 +16,10 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from scalenet_d2.atomic import bytes_writer, torch_writer, write_atomically  # noqa: E402
-from scalenet_d2.classification import ScaleNetClassifier  # noqa: E402
-from scalenet_d2.neuron_allocation import (  # noqa: E402
-    ALLOCATION_KEY,
+from scalenet_d2.atomic import bytes_writer, torch_writer, write_atomically
+from scalenet_d2.classification import ScaleNetClassifier
+from scalenet_d2.classifier_checkpoint import ALLOCATION_KEY, ClassifierCheckpointError
+from scalenet_d2.seed_pruning import (
     NeuronAllocationError,
     allocate_from_checkpoint,
     format_summary,
@@ -34,7 +32,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "seed_checkpoint",
-        help="trained seed (tools/train_seed.py checkpoint.pth / model_final.pth, or a published-layout state_dict)",
+        help="trained seed (tools/train_classifier.py checkpoint.pth / model_final.pth, or a published-layout state_dict)",
     )
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument(
@@ -48,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--chart", help="PNG chart of neurons per scale for every block")
     p.add_argument(
         "--inherit-weights",
-        help="also write the seed's kept neurons as classifier weights (to fine-tune with train_seed.py --init-weights)",
+        help="also write the seed's kept neurons as classifier weights (to fine-tune with train_classifier.py --init-weights)",
     )
     return p.parse_args(argv)
 
@@ -100,5 +98,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except NeuronAllocationError as e:
+    except (NeuronAllocationError, ClassifierCheckpointError) as e:
         sys.exit(f"allocate.py: error: {e}")

@@ -15,6 +15,7 @@ twins differ; FLOPs are counted by fvcore at batch 1, one fused multiply-add = o
 (the convention of the ResNet and ScaleNet papers). 800x1344 is an 800x1333 COCO input
 after detectron2 pads it to a multiple of 32.
 """
+
 import argparse
 import os
 import statistics
@@ -23,10 +24,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from compare import format_table  # noqa: E402  (tools/ is on sys.path when run as a script)
-from scalenet_d2.engine import backbone_stats, machine_description, resolve_allocation  # noqa: E402
+from scalenet_d2.comparison import format_table
+from scalenet_d2.engine import resolve_allocation
+from scalenet_d2.profiling import backbone_stats, machine_description
 
 
 def parse_size(text):
@@ -83,7 +83,9 @@ def main(argv=None):
     parser.add_argument("--sizes", nargs="+", type=parse_size, default=[(224, 224), (800, 1344)], help="HxW inputs")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument(
-        "--speed", type=parse_size, metavar="HxW",
+        "--speed",
+        type=parse_size,
+        metavar="HxW",
         help="also time each backbone's forward at this input, as a ratio to the first config",
     )
     parser.add_argument("--rounds", type=int, default=10, help="timed forwards per backbone for --speed")

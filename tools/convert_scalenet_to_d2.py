@@ -7,11 +7,10 @@
 IN: a state_dict in the published layout (conv1, bn1, layer1..layer4, fc), bare or under
 "state_dict" or "model", with or without a DataParallel "module." prefix. The allocation
 is inferred from the weight shapes unless given; the checkpoint is checked against it.
-The ImageNet classifier (fc) is dropped. Load OUT with MODEL.WEIGHTS OUT; the weights
-expect INPUT.FORMAT RGB, MODEL.PIXEL_MEAN [123.675, 116.28, 103.53] and MODEL.PIXEL_STD
-[58.395, 57.12, 57.375] (the standard PyTorch ImageNet recipe: the likely one, as the
-release does not state its normalisation).
+The ImageNet classifier (fc) is dropped. Load OUT with MODEL.WEIGHTS OUT; the tool prints
+the config lines to use, the input normalisation included.
 """
+
 import argparse
 import sys
 
@@ -33,7 +32,9 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        convert_published_checkpoint(args.input, args.output, allocation=args.allocation, allow_pickle=args.allow_pickle)
+        convert_published_checkpoint(
+            args.input, args.output, allocation=args.allocation, allow_pickle=args.allow_pickle
+        )
     except (CheckpointMismatchError, AllocationError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

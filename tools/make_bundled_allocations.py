@@ -9,6 +9,7 @@ the project format with their provenance. The tiny allocation is hand-made.
     python tools/make_bundled_allocations.py --published-dir ../shared/reference/allocations
     python tools/make_bundled_allocations.py --published-dir ... --check   # files up to date?
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -36,7 +37,9 @@ def published_allocation(published_dir: Path, name: str) -> Allocation:
     for stage, expected in zip(rows.stages, stage_sums):
         for b, widths in enumerate(stage.blocks):
             if sum(widths) != expected:
-                raise SystemExit(f"{path}: block {stage.name}.{b} widths {widths} sum to {sum(widths)}; expected {expected}")
+                raise SystemExit(
+                    f"{path}: block {stage.name}.{b} widths {widths} sum to {sum(widths)}; expected {expected}"
+                )
     return Allocation(
         name=name,
         stem_channels=rows.stem_channels,

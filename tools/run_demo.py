@@ -9,6 +9,7 @@ trains and evaluates a tiny ScaleNet-FPN and its ResNet twin from scratch with t
 one after the other, showing detectron2's progress lines (iteration, losses, ETA), and ends
 with tools/compare.py's table, also written to OUTPUT/comparison.md.
 """
+
 import argparse
 import collections
 import os
@@ -18,20 +19,28 @@ import subprocess
 import sys
 import time
 
+from scalenet_d2.comparison import render
+from scalenet_d2.data.synthetic import ensure_split
+from scalenet_d2.run_record import load_run
+
+# train_net.py and the configs sit beside tools/ in the project's checkout
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
 
 RUNS = (
     ("scalenet_tiny", "configs/Synthetic/faster_rcnn_Stiny_FPN.yaml"),
     ("resnet_tiny", "configs/Synthetic/faster_rcnn_Rtiny_FPN.yaml"),
 )
 QUICK_OPTS = [
-    "DATASETS.TRAIN", '("synthetic_shapes_tiny_train",)',
-    "DATASETS.TEST", '("synthetic_shapes_tiny_val",)',
-    "SOLVER.MAX_ITER", "6",
-    "SOLVER.WARMUP_ITERS", "2",
-    "SOLVER.STEPS", "()",
+    "DATASETS.TRAIN",
+    '("synthetic_shapes_tiny_train",)',
+    "DATASETS.TEST",
+    '("synthetic_shapes_tiny_val",)',
+    "SOLVER.MAX_ITER",
+    "6",
+    "SOLVER.WARMUP_ITERS",
+    "2",
+    "SOLVER.STEPS",
+    "()",
 ]
 # What the console shows of a run; everything goes to OUTPUT/<run>/console.log.
 SHOW = re.compile(r"eta: |Starting training|Overall training speed|Total inference|Traceback|Error|error:")
@@ -43,13 +52,22 @@ def run_one(name, config, out_dir, extra_opts, env):
     if os.path.isdir(run_dir):  # a fresh run: detectron2 would append to old metrics
         shutil.rmtree(run_dir)
     os.makedirs(run_dir)
-    cmd = [sys.executable, os.path.join(REPO_ROOT, "train_net.py"), "--config-file", config,
-           "OUTPUT_DIR", run_dir, *extra_opts]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO_ROOT, "train_net.py"),
+        "--config-file",
+        config,
+        "OUTPUT_DIR",
+        run_dir,
+        *extra_opts,
+    ]
     print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
     start = time.time()
     tail = collections.deque(maxlen=40)  # shown if the run fails
     with open(os.path.join(run_dir, "console.log"), "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
+        )
         table_lines = 0
         for line in proc.stdout:
             log.write(line)
@@ -72,7 +90,9 @@ def main(argv=None):
     parser.add_argument("--output-dir", help="default: output/demo, or output/demo_quick with --quick")
     parser.add_argument("--quick", action="store_true", help="a few iterations on the tiny split (smoke test)")
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="PyTorch CPU threads per run (default 1: more threads than free cores slow these "
         "small models down many times over on a shared CPU)",
     )
@@ -81,11 +101,12 @@ def main(argv=None):
     # a smoke run never replaces the results of a full one
     args.output_dir = args.output_dir or os.path.join(REPO_ROOT, "output", "demo_quick" if args.quick else "demo")
 
-    from scalenet_d2.data.synthetic import ensure_split
-
     start = time.time()
-    splits = ("synthetic_shapes_tiny_train", "synthetic_shapes_tiny_val") if args.quick else (
-        "synthetic_shapes_train", "synthetic_shapes_val")
+    splits = (
+        ("synthetic_shapes_tiny_train", "synthetic_shapes_tiny_val")
+        if args.quick
+        else ("synthetic_shapes_train", "synthetic_shapes_val")
+    )
     print("synthetic shapes: generated on first use (about 30 s), then reused from the cache", flush=True)
     for split in splits:
         json_file, _ = ensure_split(split)
@@ -95,12 +116,10 @@ def main(argv=None):
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     run_dirs = [run_one(name, config, args.output_dir, extra, env) for name, config in RUNS]
 
-    import compare
-
     print(f"\n=== ScaleNet vs ResNet on the synthetic shapes (total {time.time() - start:.0f} s)\n")
-    runs, names = [compare.load_run(d) for d in run_dirs], [n for n, _ in RUNS]
-    print(compare.render(runs, names))
-    md = compare.render(runs, names, markdown=True)
+    runs, names = [load_run(d) for d in run_dirs], [n for n, _ in RUNS]
+    print(render(runs, names))
+    md = render(runs, names, markdown=True)
     with open(os.path.join(args.output_dir, "comparison.md"), "w") as f:
         f.write(md + "\n")
     print(f"\n(Markdown version: {os.path.join(args.output_dir, 'comparison.md')})")

@@ -18,7 +18,7 @@ torch_spec="${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
 stamp="$venv/.scalenet_d2-setup"
 
 inputs_hash() {
-  cat setup.py tools/setup_env.sh tools/detectron2_fallback/*.py | sha256sum | cut -d' ' -f1
+  cat setup.py pyproject.toml tools/setup_env.sh tools/detectron2_fallback/*.py | sha256sum | cut -d' ' -f1
 }
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$(inputs_hash)" ] \

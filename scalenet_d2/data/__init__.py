@@ -4,6 +4,7 @@ Importing this module registers the synthetic splits (``synthetic.SPLITS``) with
 detectron2. COCO itself is registered by detectron2 (``detectron2.data.datasets.builtin``)
 under $DETECTRON2_DATASETS, as in any detectron2 project.
 """
+
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -30,9 +31,7 @@ def register_synthetic_datasets(cache_dir=None):
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
-        DatasetCatalog.register(
-            name, lambda name=name: load_coco_json(*ensure_split(name, root), name)
-        )
+        DatasetCatalog.register(name, lambda name=name: load_coco_json(*ensure_split(name, root), name))
         MetadataCatalog.get(name).set(
             json_file=json_file,
             image_root=image_root,
@@ -78,8 +77,7 @@ def check_datasets(names):
             path = getattr(meta, field, None)
             if path and not os.path.exists(path):
                 raise FileNotFoundError(
-                    f"dataset '{name}': its {field} {os.path.abspath(path)} does not exist."
-                    + _coco_hint(name)
+                    f"dataset '{name}': its {field} {os.path.abspath(path)} does not exist." + _coco_hint(name)
                 )
 
 

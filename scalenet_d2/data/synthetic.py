@@ -20,6 +20,7 @@ scale bands below are built around.
 
 This module does not import detectron2, so the data can be generated without it.
 """
+
 import hashlib
 import json
 import os
@@ -98,9 +99,7 @@ def _get_split(name):
 
 def split_dir(name, cache_dir=None):
     spec = _get_split(name)
-    return os.path.join(
-        cache_root(cache_dir), "synthetic_shapes", f"{name}-v{GENERATOR_VERSION}-{spec.key()}"
-    )
+    return os.path.join(cache_root(cache_dir), "synthetic_shapes", f"{name}-v{GENERATOR_VERSION}-{spec.key()}")
 
 
 def split_paths(name, cache_dir=None):
@@ -169,7 +168,7 @@ def _background(rng, size):
     base = rng.randint(0, 256, size=3).astype(np.float32)
     # A random linear gradient, so colour alone does not separate object from background.
     gx, gy = rng.uniform(-60, 60, size=2)
-    ramp = (np.linspace(-0.5, 0.5, size)[None, :] * gx + np.linspace(-0.5, 0.5, size)[:, None] * gy)
+    ramp = np.linspace(-0.5, 0.5, size)[None, :] * gx + np.linspace(-0.5, 0.5, size)[:, None] * gy
     img = base[None, None, :] + ramp[:, :, None]
     return img, base
 

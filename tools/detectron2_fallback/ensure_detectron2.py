@@ -14,6 +14,7 @@ Usage (run with the interpreter of the environment being set up):
     python ensure_detectron2.py status     # prints: compiled | fallback | missing | broken: ...
     python ensure_detectron2.py build DIR  # builds the fallback wheel into DIR, prints its path
 """
+
 import hashlib
 import os
 import shutil
@@ -59,7 +60,7 @@ PROJECTS = {
     "panoptic_deeplab": "projects/Panoptic-DeepLab/panoptic_deeplab",
 }
 
-SETUP_PY = '''\
+SETUP_PY = """\
 # Written by scalenet_d2's tools/detectron2_fallback: packages detectron2 v0.6's Python
 # sources (from the {sdist} sdist) without compiled ops.
 from setuptools import find_packages, setup
@@ -76,7 +77,7 @@ setup(
     python_requires=">=3.7",
     install_requires={requires!r},
 )
-'''
+"""
 
 
 def status() -> str:
@@ -88,7 +89,9 @@ def status() -> str:
     try:
         from detectron2 import _C
     except ImportError as e:
-        return f"broken: detectron2 at {os.path.dirname(detectron2.__file__)} imports, but its compiled ops do not ({e})"
+        return (
+            f"broken: detectron2 at {os.path.dirname(detectron2.__file__)} imports, but its compiled ops do not ({e})"
+        )
     return "fallback" if getattr(_C, "SCALENET_D2_FALLBACK", False) else "compiled"
 
 
@@ -107,12 +110,29 @@ def fetch_sdist(cache_dir: Path) -> Path:
         return sdist
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        # pip prepares the sdist's metadata by running its setup.py, which imports torch:
-        # --no-build-isolation lets it see this environment's torch.
+        # Hash-checking mode: pip verifies the archive's sha256 as it downloads it, before it runs
+        # any of its code (preparing an sdist's metadata runs its setup.py, which imports torch:
+        # --no-build-isolation lets it see this environment's torch).
+        requirement = Path(tmp) / "requirement.txt"
+        requirement.write_text(f"{SDIST_NAME}=={SDIST_VERSION} --hash=sha256:{SDIST_SHA256}\n")
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             "--no-build-isolation", "-d", tmp, f"{SDIST_NAME}=={SDIST_VERSION}"],
-            check=True, stdout=sys.stderr,  # our stdout carries only the result
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--no-build-isolation",
+                "--require-hashes",
+                "-d",
+                tmp,
+                "-r",
+                str(requirement),
+            ],
+            check=True,
+            stdout=sys.stderr,  # our stdout carries only the result
         )
         got = Path(tmp) / SDIST_FILE
         if not got.is_file():
@@ -124,9 +144,19 @@ def fetch_sdist(cache_dir: Path) -> Path:
     return sdist
 
 
+def _own_files_digest() -> str:
+    """sha256 of the files that make the fallback wheel (this builder and _C.py)."""
+    h = hashlib.sha256()
+    for path in (Path(__file__), Path(__file__).with_name("_C.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def build_wheel(out_dir: Path, cache_dir: Path) -> Path:
+    # one folder per version of our own files: a change to them builds a new wheel
+    out_dir = out_dir / _own_files_digest()
     built = sorted(out_dir.glob(f"detectron2-{FALLBACK_VERSION}-*.whl"))
-    if built and built[-1].stat().st_mtime >= Path(__file__).stat().st_mtime:
+    if built:
         return built[-1]
     sdist = fetch_sdist(cache_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -144,9 +174,9 @@ def build_wheel(out_dir: Path, cache_dir: Path) -> Path:
             SETUP_PY.format(sdist=SDIST_FILE, version=FALLBACK_VERSION, requires=FALLBACK_REQUIRES)
         )
         subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-             "-w", str(out_dir), str(build)],
-            check=True, stdout=sys.stderr,
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out_dir), str(build)],
+            check=True,
+            stdout=sys.stderr,
         )
     wheels = sorted(out_dir.glob(f"detectron2-{FALLBACK_VERSION}-*.whl"))
     if not wheels:

@@ -1,4 +1,4 @@
-"""Data-driven neuron allocation (issue 5): selection, budgets, classifier layout, tools end to end."""
+"""Data-driven neuron allocation: selection, budgets, classifier layout and checkpoints, tools end to end."""
 
 import hashlib
 import importlib.util
@@ -15,19 +15,19 @@ import torch
 
 from scalenet_d2.allocation import SCALES, Allocation, StageAllocation, load_allocation
 from scalenet_d2.classification import ScaleNetClassifier
-from scalenet_d2.neuron_allocation import (
-    ALLOCATION_KEY,
-    SEED_KEY,
+from scalenet_d2.classifier_checkpoint import ALLOCATION_KEY, SEED_KEY, ClassifierCheckpointError, load_seed_checkpoint
+from scalenet_d2.classifier_training import DatasetError
+from scalenet_d2.seed_pruning import (
     NeuronAllocationError,
     NeuronRanking,
-    _candidate_multipliers,
-    _select,
+    candidate_multipliers,
     count_flops,
     count_params,
     inherit_weights,
-    load_seed_checkpoint,
+    search_flops_target,
     seed_allocation,
     select_block,
+    select_multiplier,
     stage_widths,
 )
 
@@ -110,15 +110,12 @@ def test_ranking_selects_per_block_not_globally():
 # ----------------------------------------------------------------------------- budgets
 
 
-def test_width_multiplier_reproduces_published_stage_widths(published_allocations_dir):
+def test_width_multiplier_reproduces_published_stage_widths():
     seed = seed_allocation(152, 1.0)  # widest layout: enough blocks for every depth's check
     for name, m in (("scalenet50", 1.36), ("scalenet50_light", 1.0), ("scalenet101", 1.332), ("scalenet152", 1.396)):
-        rows = json.loads((published_allocations_dir / f"{name}.json").read_text())
-        published = []
-        for r in rows:
-            if sum(r[:4]) not in published:
-                published.append(sum(r[:4]))
-        assert list(stage_widths(seed, m)) == published, name
+        published = [{sum(widths) for widths in stage.blocks} for stage in load_allocation(name).stages]
+        assert all(len(widths) == 1 for widths in published), name
+        assert [widths.pop() for widths in published] == list(stage_widths(seed, m)), name
 
 
 def test_width_multiplier_errors():
@@ -135,11 +132,10 @@ def test_width_multiplier_errors():
 
 
 def test_flops_target_lands_within_one_neuron_step():
-    from scalenet_d2.neuron_allocation import search_flops_target
 
     seed = seed_allocation(50, 1.0)
     ranking = NeuronRanking(seed, _random_gammas(seed))
-    cands = _candidate_multipliers(seed)
+    cands = candidate_multipliers(seed)
     assert cands[0] == 1 / 512 and cands[-1] == 4.0 and len(cands) == 2048  # every res5 neuron step
     for target in (1.5e9, 3.8e9, 5.5e9):
         best, nxt = search_flops_target(ranking, target)
@@ -149,7 +145,7 @@ def test_flops_target_lands_within_one_neuron_step():
         steps = [n - b for n, b in zip(nxt.stage_widths, best.stage_widths)]
         assert steps[-1] == 1 and all(d in (0, 1) for d in steps)  # one neuron step: +1 in res5, maybe others
         assert best.flops == count_flops(best.allocation)
-    full = _select(ranking, seed, 4.0, 1000, 224)
+    full = select_multiplier(ranking, seed, 4.0, 1000, 224)
     assert search_flops_target(ranking, full.flops) == (full, None)
     with pytest.raises(NeuronAllocationError, match=r"keeps nothing: the smallest network .* already has"):
         search_flops_target(ranking, 1e6)
@@ -219,9 +215,10 @@ def _published_keys(rows):
     return keys
 
 
-def test_classifier_loads_published_layout_strictly(published_allocations_dir):
-    path = published_allocations_dir / "scalenet50.json"
-    rows = json.loads(path.read_text())
+def test_classifier_loads_published_layout_strictly(tmp_path):
+    rows = load_allocation("scalenet50").to_rows()
+    path = tmp_path / "scalenet50.json"
+    path.write_text(json.dumps(rows))
     expected = _published_keys(rows)
     assert "layer1.2.conv2.3.weight" in expected and "layer1.2.conv2.2.weight" not in expected
     model = ScaleNetClassifier(str(path))
@@ -251,7 +248,7 @@ def test_inherited_weights_equal_seed_with_dropped_neurons_zeroed():
         model.layer1[0].bn2["3"].weight.mul_(1e-3)  # scale-7 branch of res2.0 loses everything
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     ranking = NeuronRanking(seed, sd)
-    sel = _select(ranking, seed, 1.0, 5, 224)
+    sel = select_multiplier(ranking, seed, 1.0, 5, 224)
     assert sel.allocation.stages[0].blocks[0][3] == 0
     pruned_sd = inherit_weights(sd, seed, sel)
     assert "layer1.0.conv2.3.weight" not in pruned_sd and "layer1.0.bn2.3.running_var" not in pruned_sd
@@ -279,15 +276,15 @@ def test_inherited_weights_equal_seed_with_dropped_neurons_zeroed():
 
 def test_seed_checkpoint_errors(tmp_path):
     missing = tmp_path / "nope.pth"
-    with pytest.raises(NeuronAllocationError, match=f"seed checkpoint {missing}: no such file"):
+    with pytest.raises(ClassifierCheckpointError, match=f"seed checkpoint {missing}: no such file"):
         load_seed_checkpoint(str(missing))
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(NeuronAllocationError, match="cannot be read as a PyTorch checkpoint"):
+    with pytest.raises(ClassifierCheckpointError, match="cannot be read as a PyTorch checkpoint"):
         load_seed_checkpoint(str(garbage))
     other = tmp_path / "other.pth"
     torch.save({"model": {"weight": torch.zeros(3)}}, other)
-    with pytest.raises(NeuronAllocationError, match="not a ScaleNet classifier checkpoint: no SA layer keys"):
+    with pytest.raises(ClassifierCheckpointError, match="not a ScaleNet classifier checkpoint: no SA layer keys"):
         load_seed_checkpoint(str(other))
     # unequal widths (here a pruned branch in res3) are not a seed: the first offending block is named
     stages = [
@@ -299,7 +296,7 @@ def test_seed_checkpoint_errors(tmp_path):
     path = tmp_path / "final.pth"
     torch.save({"model": ScaleNetClassifier(Allocation("final", 16, tuple(stages)), 3).state_dict()}, path)
     with pytest.raises(
-        NeuronAllocationError,
+        ClassifierCheckpointError,
         match=r"not a seed network: block layer2\.0 \(res3 block 0\) has SA widths "
         r"\[16, 16, 0, 16\] .* e\.g\. \[16, 16, 16, 16\]",
     ):
@@ -310,7 +307,7 @@ def test_seed_checkpoint_errors(tmp_path):
     path = tmp_path / "mismatch.pth"
     torch.save({"model": ScaleNetClassifier(seed, 3).state_dict(), SEED_KEY: {"allocation": wrong.to_dict()}}, path)
     with pytest.raises(
-        NeuronAllocationError,
+        ClassifierCheckpointError,
         match=rf"seed checkpoint {path} does not fit allocation .* field '{SEED_KEY}.allocation': first mismatching key "
         r"'layer1.0.conv2.0.weight': shape \(8, 8, 3, 3\) in the checkpoint, \(4, 8, 3, 3\) in the allocation",
     ):
@@ -356,23 +353,31 @@ def dataset(tmp_path_factory):
 
 
 def _tiny_seed_args(dataset, output_dir, extra):
-    """train_seed.py arguments for a tiny seed on the generated dataset, plus `extra`."""
+    """train_classifier.py arguments for a tiny seed on the generated dataset, plus `extra`."""
     return [
-        str(dataset), "--base", "scalenet_tiny", "--image-size", "64", "--workers", "0",
-        "--output-dir", str(output_dir), *extra.split(),
+        str(dataset),
+        "--base",
+        "scalenet_tiny",
+        "--image-size",
+        "64",
+        "--workers",
+        "0",
+        "--output-dir",
+        str(output_dir),
+        *extra.split(),
     ]
 
 
 @pytest.fixture(scope="module")
 def trained_seed(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("seed")
-    ckpt = _tool("train_seed").main(
+    ckpt = _tool("train_classifier").main(
         _tiny_seed_args(dataset, out, "--max-iters 2 --batch-size 4 --log-period 1 --gamma-l1 1e-4 --lr 0.05")
     )
     return Path(ckpt), out
 
 
-def test_train_seed_writes_marked_checkpoint_and_resumes(trained_seed, dataset):
+def test_train_classifier_writes_marked_checkpoint_and_resumes(trained_seed, dataset):
     ckpt, out = trained_seed
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["iteration"] == 2 and state["epoch"] == 0  # stopped inside epoch 1 (4 iterations)
@@ -387,7 +392,7 @@ def test_train_seed_writes_marked_checkpoint_and_resumes(trained_seed, dataset):
     resumed = out.parent / "resumed"
     resumed.mkdir()
     (resumed / "checkpoint.pth").write_bytes(ckpt.read_bytes())
-    _tool("train_seed").main(_tiny_seed_args(dataset, resumed, "--epochs 1 --batch-size 4 --resume"))
+    _tool("train_classifier").main(_tiny_seed_args(dataset, resumed, "--epochs 1 --batch-size 4 --resume"))
     state = torch.load(resumed / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert state["epoch"] == 1 and state["iteration"] == 4
     assert set(state["metrics"]) == {"top1", "top5", "images"} and state["metrics"]["images"] == 6
@@ -395,13 +400,15 @@ def test_train_seed_writes_marked_checkpoint_and_resumes(trained_seed, dataset):
     final = torch.load(resumed / "model_final.pth", map_location="cpu", weights_only=True)
     assert SEED_KEY in final and "optimizer" not in final
     # resuming with another network is refused
-    with pytest.raises(ValueError, match=r"--resume .*checkpoint.pth: field 'scalenet_d2_allocation' is allocation"):
-        _tool("train_seed").main(
+    with pytest.raises(
+        ClassifierCheckpointError, match=r"--resume .*checkpoint.pth: field 'scalenet_d2_allocation' is allocation"
+    ):
+        _tool("train_classifier").main(
             _tiny_seed_args(dataset, resumed, "--multiplier 0.5 --epochs 3 --batch-size 4 --resume")
         )
 
 
-def test_train_seed_distributed_two_processes(dataset, tmp_path):
+def test_train_classifier_distributed_two_processes(dataset, tmp_path):
     """torchrun, 2 CPU processes (gloo): DistributedSampler + DDP, one checkpoint written by rank 0."""
     out = tmp_path / "ddp"
     proc = subprocess.run(
@@ -412,7 +419,7 @@ def test_train_seed_distributed_two_processes(dataset, tmp_path):
             "--standalone",
             "--nproc_per_node",
             "2",
-            str(REPO / "tools" / "train_seed.py"),
+            str(REPO / "tools" / "train_classifier.py"),
             *_tiny_seed_args(dataset, out, "--max-iters 2 --batch-size 2 --log-period 1"),
         ],
         capture_output=True,
@@ -428,33 +435,29 @@ def test_train_seed_distributed_two_processes(dataset, tmp_path):
     assert state["iteration"] == 2 and not any(k.startswith("module.") for k in state["model"])
 
 
-def test_train_seed_dataset_errors(tmp_path, dataset):
-    train_seed = _tool("train_seed")
+def test_train_classifier_dataset_errors(tmp_path, dataset):
+    train_classifier = _tool("train_classifier")
     out = tmp_path / "out"
 
     def run(data):
-        train_seed.main(_tiny_seed_args(data, out, "--max-iters 1 --batch-size 2"))
+        train_classifier.main(_tiny_seed_args(data, out, "--max-iters 1 --batch-size 2"))
 
     layout = r"expected .*/train/<class>/<image> \(ImageNet layout"
-    with pytest.raises(train_seed.DatasetError, match=rf"dataset folder {tmp_path}/missing does not exist; {layout}"):
+    with pytest.raises(DatasetError, match=rf"dataset folder {tmp_path}/missing does not exist; {layout}"):
         run(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(
-        train_seed.DatasetError, match=rf"dataset folder {tmp_path}/empty has no 'train' folder; {layout}"
-    ):
+    with pytest.raises(DatasetError, match=rf"dataset folder {tmp_path}/empty has no 'train' folder; {layout}"):
         run(tmp_path / "empty")
     (tmp_path / "noclass" / "train").mkdir(parents=True)
-    with pytest.raises(
-        train_seed.DatasetError, match=rf"dataset folder {tmp_path}/noclass/train cannot be used: .*{layout}"
-    ):
+    with pytest.raises(DatasetError, match=rf"dataset folder {tmp_path}/noclass/train cannot be used: .*{layout}"):
         run(tmp_path / "noclass")
     (tmp_path / "noimage" / "train" / "a").mkdir(parents=True)
     (tmp_path / "noimage" / "train" / "a" / "notes.txt").write_text("x")
-    with pytest.raises(train_seed.DatasetError, match=rf"dataset folder {tmp_path}/noimage/train cannot be used"):
+    with pytest.raises(DatasetError, match=rf"dataset folder {tmp_path}/noimage/train cannot be used"):
         run(tmp_path / "noimage")
     (tmp_path / "corrupt" / "train" / "a").mkdir(parents=True)
     (tmp_path / "corrupt" / "train" / "a" / "0.png").write_bytes(b"\x89PNG broken")
-    with pytest.raises(train_seed.DatasetError, match=rf"image {tmp_path}/corrupt/train/a/0.png .* cannot be read"):
+    with pytest.raises(DatasetError, match=rf"image {tmp_path}/corrupt/train/a/0.png .* cannot be read"):
         run(tmp_path / "corrupt")
     assert not out.exists()  # nothing written on bad input
 
@@ -490,35 +493,7 @@ def test_allocate_bad_budget_writes_nothing(trained_seed, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def _faster_rcnn_cfg(allocation_path):
-    from detectron2.config import get_cfg
-
-    from scalenet_d2.config import add_scalenet_config
-
-    cfg = get_cfg()
-    add_scalenet_config(cfg)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
-    cfg.MODEL.BACKBONE.NAME = "build_scalenet_fpn_backbone"
-    cfg.MODEL.SCALENET.ALLOCATION = str(allocation_path)
-    cfg.MODEL.SCALENET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
-    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
-    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
-    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 64
-    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
-    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
-    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 32
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
-    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
-    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
-    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
-    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
-    return cfg
-
-
-def test_allocate_then_detect_end_to_end(trained_seed, dataset, tmp_path):
+def test_allocate_then_detect_end_to_end(trained_seed, dataset, tmp_path, detector_cfg):
     ckpt, _ = trained_seed
     alloc_path, chart, weights = tmp_path / "mine.json", tmp_path / "mine.png", tmp_path / "mine_init.pth"
     proc = subprocess.run(
@@ -563,9 +538,9 @@ def test_allocate_then_detect_end_to_end(trained_seed, dataset, tmp_path):
     img = Image.open(chart)
     assert img.format == "PNG" and min(img.size) >= 400
     pixels = {tuple(p[:3]) for p in np.asarray(img.convert("RGB")).reshape(-1, 3)[::3]}
-    from scalenet_d2.neuron_allocation import _SCALE_COLOURS
+    from scalenet_d2.seed_pruning import SCALE_COLOURS
 
-    for i, colour in enumerate(_SCALE_COLOURS):
+    for i, colour in enumerate(SCALE_COLOURS):
         rgb = tuple(int(colour[k : k + 2], 16) for k in (1, 3, 5))
         used = any(b[i] for st in allocation.stages for b in st.blocks)
         assert (rgb in pixels) == used, (SCALES[i], used)
@@ -579,7 +554,7 @@ def test_allocate_then_detect_end_to_end(trained_seed, dataset, tmp_path):
     from detectron2.utils.events import EventStorage
 
     torch.manual_seed(0)
-    model = build_model(_faster_rcnn_cfg(alloc_path))
+    model = build_model(detector_cfg("fpn", allocation=str(alloc_path)))
     body = model.backbone.bottom_up
     assert body.allocation.same_network(allocation)
     model.train()
@@ -597,19 +572,19 @@ def test_allocate_then_detect_end_to_end(trained_seed, dataset, tmp_path):
     assert all(torch.isfinite(v) for v in losses.values())
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     sum(losses.values()).backward()
-    sa_conv = body.res3[0].conv2[body.res3[0].scale_aggregation.branches[0][0]].weight
+    sa_conv = next(iter(body.res3[0].conv2.values())).weight
     assert sa_conv.grad is not None and sa_conv.grad.abs().sum() > 0
     opt.step()
 
 
-def test_final_network_trains_from_inherited_weights_and_converts(trained_seed, dataset, tmp_path):
+def test_final_network_trains_from_inherited_weights_and_converts(trained_seed, dataset, tmp_path, detector_cfg):
     ckpt, _ = trained_seed
     alloc_path, weights = tmp_path / "final.json", tmp_path / "final_init.pth"
     _tool("allocate").main(
         [str(ckpt), "--width-multiplier", "0.75", "--output", str(alloc_path), "--inherit-weights", str(weights)]
     )
     out = tmp_path / "train"
-    _tool("train_seed").main(
+    _tool("train_classifier").main(
         [
             str(dataset),
             "--allocation",
@@ -634,12 +609,12 @@ def test_final_network_trains_from_inherited_weights_and_converts(trained_seed, 
         load_allocation(str(alloc_path))
     )
     # a trained final network is not a seed
-    with pytest.raises(NeuronAllocationError, match="not a seed network"):
+    with pytest.raises(ClassifierCheckpointError, match="not a seed network"):
         load_seed_checkpoint(str(out / "model_final.pth"))
-    _check_conversion(out / "model_final.pth", alloc_path, tmp_path)
+    _check_conversion(out / "model_final.pth", alloc_path, tmp_path, detector_cfg)
 
 
-def _check_conversion(classifier_path, alloc_path, tmp_path):
+def _check_conversion(classifier_path, alloc_path, tmp_path, detector_cfg):
     """tools/convert_scalenet_to_d2.py turns the trained classifier into weights that load strictly into the backbone."""
     from detectron2.modeling import build_model
 
@@ -647,7 +622,7 @@ def _check_conversion(classifier_path, alloc_path, tmp_path):
 
     out = tmp_path / "final_d2.pkl"
     assert _tool("convert_scalenet_to_d2").main([str(classifier_path), str(out), "--allocation", str(alloc_path)]) == 0
-    cfg = _faster_rcnn_cfg(alloc_path)
+    cfg = detector_cfg("fpn", allocation=str(alloc_path))
     model = build_model(cfg)
     ScaleNetCheckpointer(model).load(str(out))
     trained = torch.load(classifier_path, map_location="cpu", weights_only=True)["model"]

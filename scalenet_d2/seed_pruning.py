@@ -1,10 +1,11 @@
-"""Data-driven neuron allocation (Li et al., CVPR 2019, sec. 3.2), built from the paper's description.
+"""Data-driven neuron allocation (Li et al., CVPR 2019, sec. 3.2): pruning a trained over-complete
+seed ScaleNet into an allocation, built from the paper's description.
 
 The procedure, top to bottom in this file:
 1. `seed_allocation`: an over-complete ScaleNet; every SA layer gives each of the 4 scales
    C = round(planes * seed_multiplier) neurons.
-2. (tools/train_seed.py trains it; `sa_gamma_l1` is the optional network-slimming penalty.)
-3. `load_seed_checkpoint`: reads a trained seed and checks that it is one.
+2. (tools/train_classifier.py trains it; `sa_gamma_l1` is the optional network-slimming penalty.)
+3. `classifier_checkpoint.load_seed_checkpoint`: reads a trained seed and checks that it is one.
 4. `NeuronRanking`: importance of an SA output neuron = |gamma| of its branch BN. Neurons are
    ranked per block (never globally) with a documented deterministic tie-break (`TIE_BREAK`).
 5. Budget: every block of stage k keeps N_k = ceil(width_multiplier * planes_k) neurons
@@ -20,7 +21,6 @@ ResNet-50 = 4.1 G, and of fvcore), counted analytically by `count_flops`.
 
 import dataclasses
 import datetime
-import hashlib
 import io
 import math
 import os
@@ -38,34 +38,29 @@ from .allocation import (
     SCALES,
     STAGE_NAMES,
     Allocation,
-    AllocationError,
     StageAllocation,
-    branch_kernel_size,
     load_allocation,
 )
 from .checkpoint import (
     STANDARD_SIDES,
-    CheckpointMismatchError,
-    check_published_state_dict,
-    infer_allocation,
-    published_state_dict,
 )
+from .classification import ScaleNetClassifier
+from .classifier_checkpoint import SeedCheckpoint, load_seed_checkpoint
 
 __all__ = [
     "NeuronAllocationError",
     "SEED_BLOCKS",
-    "SEED_KEY",
-    "ALLOCATION_KEY",
     "TIE_BREAK",
     "seed_allocation",
-    "SeedCheckpoint",
-    "load_seed_checkpoint",
     "sa_gamma_l1",
     "NeuronRanking",
     "select_block",
     "stage_widths",
     "Selection",
+    "select_multiplier",
+    "candidate_multipliers",
     "search_flops_target",
+    "SCALE_COLOURS",
     "count_flops",
     "count_params",
     "inherit_weights",
@@ -76,8 +71,6 @@ __all__ = [
 ]
 
 SEED_BLOCKS = {depth: blocks for depth, blocks in PUBLISHED_LAYOUTS.values()}  # 50/101/152: blocks per stage
-SEED_KEY = "scalenet_d2_seed"  # checkpoint entry that marks a seed network (written by tools/train_seed.py)
-ALLOCATION_KEY = "scalenet_d2_allocation"  # checkpoint entry with the trained network's allocation
 METHOD = "bn-gamma per-block selection"
 TIE_BREAK = (
     "per block, neurons sorted by |gamma| descending; equal |gamma| -> smaller scale index "
@@ -132,126 +125,6 @@ def seed_allocation(base: Union[int, str, Allocation] = 50, multiplier: float = 
 
 
 # ----------------------------------------------------------------------------- 3. seed checkpoint
-
-_SA_KEY = re.compile(r"^layer(\d+)\.(\d+)\.conv2\.(\d+)\.weight$")
-
-
-@dataclass
-class SeedCheckpoint:
-    path: str
-    sha256: str
-    allocation: Allocation  # the seed's allocation
-    state_dict: Dict[str, torch.Tensor]  # published classifier layout
-    meta: dict  # the checkpoint's SEED_KEY entry ({} if the allocation was inferred)
-    num_classes: int
-    epoch: Optional[int] = None
-    iteration: Optional[int] = None
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def extract_state_dict(obj, source: str) -> Dict[str, torch.Tensor]:
-    """The classifier state_dict of a checkpoint ({"model": sd}, {"state_dict": sd} or a plain sd)."""
-    try:
-        return published_state_dict(obj, source)
-    except CheckpointMismatchError as e:
-        raise NeuronAllocationError(str(e)) from None
-
-
-def _sa_widths_from_state_dict(sd: Mapping[str, torch.Tensor], source: str) -> List[List[List[int]]]:
-    """widths[stage][block] = [c1, c2, c4, c7] read from the conv2.{i} weight shapes."""
-    found: Dict[Tuple[int, int], Dict[int, int]] = {}
-    for key, value in sd.items():
-        m = _SA_KEY.match(key)
-        if m:
-            s, b, i = (int(g) for g in m.groups())
-            found.setdefault((s, b), {})[i] = int(value.shape[0])
-    if not found:
-        raise NeuronAllocationError(
-            f"{source}: not a ScaleNet classifier checkpoint: no SA layer keys like 'layer1.0.conv2.0.weight' "
-            "(the published ScaleNet layout)"
-        )
-    stages = sorted({s for s, _ in found})
-    if stages != [1, 2, 3, 4]:
-        raise NeuronAllocationError(f"{source}: SA layers found in layer{stages}; expected layer1..layer4")
-    widths = []
-    for s in stages:
-        blocks = sorted(b for ss, b in found if ss == s)
-        if blocks != list(range(len(blocks))):
-            raise NeuronAllocationError(f"{source}: layer{s} blocks {blocks}: expected consecutive indices from 0")
-        widths.append([[found[(s, b)].get(i, 0) for i in range(len(SCALES))] for b in blocks])
-    return widths
-
-
-def _check_is_seed(widths: List[List[List[int]]], source: str) -> None:
-    for s, stage in enumerate(widths):
-        for b, w in enumerate(stage):
-            if len(set(w)) != 1 or w[0] <= 0:
-                raise NeuronAllocationError(
-                    f"{source}: not a seed network: block layer{s + 1}.{b} ({STAGE_NAMES[s]} block {b}) has SA widths "
-                    f"{w} (conv2.0..3 output channels); a seed has the same nonzero width at every scale, e.g. "
-                    f"[{max(w)}, {max(w)}, {max(w)}, {max(w)}]. Train one with tools/train_seed.py."
-                )
-
-
-def load_seed_checkpoint(path: str) -> SeedCheckpoint:
-    """Reads a trained seed network and checks that every SA layer has equal widths per scale.
-
-    Accepts checkpoints of tools/train_seed.py (allocation under `SEED_KEY`) and plain published-layout
-    classifier state_dicts (allocation inferred from the weight shapes, ResNet feature sides 56/28/14/7).
-    """
-    if not os.path.isfile(path):
-        raise NeuronAllocationError(f"seed checkpoint {path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, pickled objects
-        raise NeuronAllocationError(
-            f"seed checkpoint {path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})"
-        ) from e
-    sd = extract_state_dict(obj, f"seed checkpoint {path}")
-    widths = _sa_widths_from_state_dict(sd, f"seed checkpoint {path}")
-    _check_is_seed(widths, f"seed checkpoint {path}")
-    if "fc.weight" not in sd:
-        raise NeuronAllocationError(
-            f"seed checkpoint {path}: no 'fc.weight'; expected a classifier (stem, layer1..4, fc)"
-        )
-
-    meta = dict(obj.get(SEED_KEY) or {}) if isinstance(obj, Mapping) else {}
-    if meta:
-        if "allocation" not in meta:
-            raise NeuronAllocationError(f"seed checkpoint {path}: field '{SEED_KEY}' has no 'allocation' entry")
-        try:
-            allocation = Allocation.from_dict(
-                meta["allocation"], source=f"seed checkpoint {path}: field '{SEED_KEY}.allocation'"
-            )
-        except AllocationError as e:
-            raise NeuronAllocationError(str(e)) from None
-    else:
-        try:
-            allocation = infer_allocation(sd, source=path)
-        except CheckpointMismatchError as e:
-            raise NeuronAllocationError(f"seed checkpoint {e}") from None
-    # The recorded allocation must describe these weights, key by key and shape by shape.
-    try:
-        check_published_state_dict(sd, allocation, source=f"seed checkpoint {path}")
-    except CheckpointMismatchError as e:
-        raise NeuronAllocationError(str(e)) from None
-    return SeedCheckpoint(
-        path=path,
-        sha256=file_sha256(path),
-        allocation=allocation,
-        state_dict=sd,
-        meta=meta,
-        num_classes=int(sd["fc.weight"].shape[0]),
-        epoch=obj.get("epoch") if isinstance(obj, Mapping) else None,
-        iteration=obj.get("iteration") if isinstance(obj, Mapping) else None,
-    )
 
 
 def sa_gamma_l1(model: torch.nn.Module) -> torch.Tensor:
@@ -334,7 +207,8 @@ class NeuronRanking:
     def kept(self, widths_per_stage: Sequence[int]) -> Tuple[Tuple[Tuple[int, ...], ...], ...]:
         """Kept seed channel indices per scale (ascending) of every block."""
         return tuple(
-            _kept_per_scale(order[: widths_per_stage[s]], len(SCALES)) for (s, _), order in zip(self.blocks, self.orders)
+            _kept_per_scale(order[: widths_per_stage[s]], len(SCALES))
+            for (s, _), order in zip(self.blocks, self.orders)
         )
 
     def allocation_for(
@@ -390,7 +264,10 @@ class Selection:
     params: int
 
 
-def _select(ranking: NeuronRanking, seed: Allocation, m: float, num_classes: int, image_size: int) -> Selection:
+def select_multiplier(
+    ranking: NeuronRanking, seed: Allocation, m: float, num_classes: int, image_size: int
+) -> Selection:
+    """What keeping N_k = ceil(m x planes_k) neurons per block of stage k gives (allocation, kept, cost)."""
     widths = stage_widths(seed, m)
     alloc = ranking.allocation_for(widths)
     return Selection(
@@ -403,7 +280,7 @@ def _select(ranking: NeuronRanking, seed: Allocation, m: float, num_classes: int
     )
 
 
-def _candidate_multipliers(seed: Allocation) -> List[float]:
+def candidate_multipliers(seed: Allocation) -> List[float]:
     """Every multiplier at which some stage width N_k changes: the neuron steps j / planes_k."""
     caps = _seed_stage_capacity(seed)
     max_m = min(c / st.planes for c, st in zip(caps, seed.stages))
@@ -422,14 +299,14 @@ def search_flops_target(
     FLOPs exceed the target: the result is within one neuron-step.
     """
     seed = ranking.allocation
-    cands = _candidate_multipliers(seed)
-    lowest = _select(ranking, seed, cands[0], num_classes, image_size)
+    cands = candidate_multipliers(seed)
+    lowest = select_multiplier(ranking, seed, cands[0], num_classes, image_size)
     if not target_flops >= lowest.flops:
         raise NeuronAllocationError(
             f"FLOPs target {target_flops / 1e9:.4g} G keeps nothing: the smallest network from seed {seed.name!r} "
             f"(one neuron step, width multiplier {cands[0]:.4g}) already has {lowest.flops / 1e9:.4g} G at {image_size}x{image_size}"
         )
-    highest = _select(ranking, seed, cands[-1], num_classes, image_size)
+    highest = select_multiplier(ranking, seed, cands[-1], num_classes, image_size)
     if target_flops > highest.flops and not math.isclose(target_flops, highest.flops):
         raise NeuronAllocationError(
             f"FLOPs target {target_flops / 1e9:.4g} G is more than seed {seed.name!r} can give: keeping all its SA "
@@ -440,55 +317,46 @@ def search_flops_target(
     best = lowest
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        sel = _select(ranking, seed, cands[mid], num_classes, image_size)
+        sel = select_multiplier(ranking, seed, cands[mid], num_classes, image_size)
         if sel.flops <= target_flops:
             lo, best = mid, sel
         else:
             hi = mid - 1
     if lo == len(cands) - 1:
         return highest, None
-    return best, _select(ranking, seed, cands[lo + 1], num_classes, image_size)
+    return best, select_multiplier(ranking, seed, cands[lo + 1], num_classes, image_size)
 
 
 # ----------------------------------------------------------------------------- cost model
 
 
-def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:
-    return (size + 2 * pad - kernel) // stride + 1
-
-
-def _walk_convs(allocation: Allocation, image_size: int):
-    """Yields (in_ch, out_ch, kernel, out_side) for every conv of the classifier, in order."""
-    h = _conv_out(image_size, 7, 2, 3)
-    yield 3, allocation.stem_channels, 7, h
-    h = _conv_out(h, 3, 2, 1)
-    cin = allocation.stem_channels
-    for s, st in enumerate(allocation.stages):
-        out = 4 * st.planes
-        for b, widths in enumerate(st.blocks):
-            if s > 0 and b == 0:
-                h //= 2  # 2x2 max-pool stride 2 on the block input
-            yield cin, st.planes, 1, h
-            for i, (scale, c) in enumerate(zip(SCALES, widths)):
-                if c > 0:
-                    # max_pool_clamped pools a side smaller than the scale to 1, not 0
-                    yield st.planes, c, branch_kernel_size(st.side, i), max(1, h // scale)
-            yield sum(widths), out, 1, h
-            if b == 0:
-                yield cin, out, 1, h  # shortcut conv
-            cin = out
+def _classifier_shapes(allocation: Allocation, num_classes: int) -> torch.nn.Module:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        return ScaleNetClassifier(allocation, num_classes=num_classes)
 
 
 def count_flops(allocation: Allocation, image_size: int = 224, num_classes: int = 1000) -> int:
-    """Multiply-accumulates of all convs and the fc at image_size x image_size (fvcore's convention)."""
-    convs = sum(ci * co * k * k * h * h for ci, co, k, h in _walk_convs(allocation, image_size))
-    return int(convs + 4 * allocation.stages[-1].planes * num_classes)
+    """Multiply-accumulates of all convs and the fc at image_size x image_size (fvcore's convention),
+    counted on the classifier's own modules in one forward on the meta device."""
+    model = _classifier_shapes(allocation, num_classes)
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        # every weight is used once per output position (conv) or per sample (fc)
+        total += output.numel() // output.shape[1] * module.weight.numel()
+
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            module.register_forward_hook(count)
+    with torch.no_grad():
+        model.eval()(torch.empty(1, 3, image_size, image_size, device="meta"))
+    return int(total)
 
 
 def count_params(allocation: Allocation, num_classes: int = 1000) -> int:
     """Parameters of ScaleNetClassifier(allocation, num_classes): conv weights, BN gamma+beta, fc."""
-    total = sum(ci * co * k * k + 2 * co for ci, co, k, _ in _walk_convs(allocation, 224))
-    return int(total + (4 * allocation.stages[-1].planes + 1) * num_classes)
+    return sum(p.numel() for p in _classifier_shapes(allocation, num_classes).parameters())
 
 
 # ----------------------------------------------------------------------------- 6. inherited weights
@@ -558,7 +426,7 @@ def allocate_from_checkpoint(
     ranking = NeuronRanking(seed.allocation, seed.state_dict, source=f"seed checkpoint {seed.path}")
     next_step = None
     if width_multiplier is not None:
-        sel = _select(ranking, seed.allocation, width_multiplier, seed.num_classes, 224)
+        sel = select_multiplier(ranking, seed.allocation, width_multiplier, seed.num_classes, 224)
         budget = {"width_multiplier": float(width_multiplier)}
     else:
         sel, next_step = search_flops_target(ranking, target_gflops * 1e9, seed.num_classes, 224)
@@ -605,7 +473,7 @@ def format_summary(allocation: Allocation, num_classes: int = 1000) -> str:
     return "\n".join(lines)
 
 
-_SCALE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
+SCALE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
 
 
 def plot_allocation(allocation: Allocation, title: Optional[str] = None) -> bytes:
@@ -633,7 +501,7 @@ def plot_allocation(allocation: Allocation, title: Optional[str] = None) -> byte
                 x,
                 values[:, i],
                 bottom=bottom,
-                color=_SCALE_COLOURS[i],
+                color=SCALE_COLOURS[i],
                 width=0.8,
                 label=f"scale {scale}" if used else "_",
             )

@@ -1,0 +1,187 @@
+"""Run records: what train_net.py leaves in OUTPUT_DIR besides detectron2's own files, and
+what tools/compare.py reads back.
+
+    eval_results.json  {"datasets": [...], "results": {dataset or task: {"bbox": {AP, AP50, ...}}}}
+    run_info.json      config, backbone params and FLOPs, train s/iter, inference s/image,
+                       peak memory, the machine; the "train_*" fields are those of the
+                       training run, "eval_*" those of the last --eval-only run
+
+Both are written atomically (a reader never sees half a file).
+"""
+
+import json
+import os
+import statistics
+
+import detectron2
+import detectron2.utils.comm as comm
+import torch
+
+from .atomic import bytes_writer, write_atomically
+from .profiling import FLOPS_NOTE, backbone_stats, machine_description, peak_memory
+
+__all__ = [
+    "RUN_INFO",
+    "EVAL_RESULTS",
+    "RunRecordError",
+    "write_run_record",
+    "load_run",
+    "train_seconds_per_iter",
+    "backbone_arch",
+]
+
+RUN_INFO = "run_info.json"
+EVAL_RESULTS = "eval_results.json"
+
+
+class RunRecordError(ValueError):
+    """A folder that is not a readable run; the message names the file and what was expected."""
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise RunRecordError(f"{path}: not valid JSON ({e}); expected a run record written by train_net.py") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunRecordError(f"{path}: cannot be read ({e})") from None
+
+
+def write_run_record(cfg, args, model, results, training, inference=(None, 0)):
+    """eval_results.json and run_info.json in OUTPUT_DIR (call on the main process only).
+
+    `inference`: (seconds per image, images timed) of the evaluation, if one ran.
+    """
+    out = cfg.OUTPUT_DIR
+    info_path = os.path.join(out, RUN_INFO)
+    # --eval-only into a training folder keeps the training fields
+    info = _read_json(info_path) if os.path.isfile(info_path) else {}
+    mem, mem_kind = peak_memory()  # before the FLOP count below runs the backbone again
+    size = cfg.INPUT.MIN_SIZE_TEST
+    prefix = "train" if training else "eval"
+    info.update(
+        {
+            "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
+            "backbone": cfg.MODEL.BACKBONE.NAME,
+            "backbone_arch": backbone_arch(cfg),
+            "torch": torch.__version__,
+            "detectron2": detectron2.__version__,
+            "flops_note": FLOPS_NOTE,
+            f"{prefix}_config_file": os.path.abspath(args.config_file),
+            f"{prefix}_opts": list(args.opts),
+            f"{prefix}_machine": machine_description(),
+            f"{prefix}_weights": cfg.MODEL.WEIGHTS,
+            f"{prefix}_num_processes": comm.get_world_size(),
+            f"{prefix}_peak_memory_mb": mem,
+            f"{prefix}_peak_memory_kind": mem_kind,
+            "inference_s_per_image": inference[0],
+            "inference_images_timed": inference[1],
+        }
+    )
+    info.update(backbone_stats(model, [(224, 224), (size, size)]))
+    if training:
+        s_iter, windows = train_seconds_per_iter(out)
+        info.update(
+            {
+                "train_s_per_iter": s_iter,
+                "train_logged_windows": windows,
+                "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH,
+                "max_iter": cfg.SOLVER.MAX_ITER,
+            }
+        )
+    writers = {info_path: bytes_writer(_json_bytes(info))}
+    if results is not None:
+        writers[os.path.join(out, EVAL_RESULTS)] = bytes_writer(
+            _json_bytes({"datasets": list(cfg.DATASETS.TEST), "results": results})
+        )
+    write_atomically(writers)
+
+
+def train_seconds_per_iter(output_dir):
+    """Median of detectron2's per-iteration 'time' in metrics.json (first logged window dropped)."""
+    path = os.path.join(output_dir, "metrics.json")
+    times = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise RunRecordError(
+                        f"{path}: line {number} is not valid JSON ({e}); expected detectron2's metrics"
+                    ) from None
+                if isinstance(entry, dict) and "time" in entry:
+                    times.append(entry["time"])
+    if len(times) > 1:
+        times = times[1:]
+    return (statistics.median(times) if times else None), len(times)
+
+
+def backbone_arch(cfg):
+    alloc = os.path.splitext(os.path.basename(cfg.MODEL.SCALENET.ALLOCATION))[0]
+    if "scalenet" in cfg.MODEL.BACKBONE.NAME:
+        return f"ScaleNet ({alloc})"
+    if "resnet_twin" in cfg.MODEL.BACKBONE.NAME:
+        return f"ResNet twin of {alloc}"
+    if "resnet" in cfg.MODEL.BACKBONE.NAME:
+        r = cfg.MODEL.RESNETS
+        return f"ResNet-{r.DEPTH} (stem {r.STEM_OUT_CHANNELS}, res2 {r.RES2_OUT_CHANNELS})"
+    return cfg.MODEL.BACKBONE.NAME
+
+
+def _box_metrics(results):
+    """The bbox metrics of the first test set; eval_results.json holds one set or several."""
+    if "bbox" in results:
+        return results["bbox"]
+    for value in results.values():
+        if isinstance(value, dict) and "bbox" in value:
+            return value["bbox"]
+    return {}
+
+
+def load_run(run_dir):
+    """Everything a comparison table needs from one OUTPUT_DIR, as a dict."""
+    if not os.path.isdir(run_dir):
+        raise RunRecordError(f"{run_dir}: not a directory (expected a train_net.py OUTPUT_DIR)")
+    info_path = os.path.join(run_dir, RUN_INFO)
+    eval_path = os.path.join(run_dir, EVAL_RESULTS)
+    if not os.path.isfile(info_path) and not os.path.isfile(eval_path):
+        raise RunRecordError(
+            f"{run_dir}: has neither {RUN_INFO} nor {EVAL_RESULTS}; "
+            "is it an OUTPUT_DIR of train_net.py (written when a run or --eval-only finishes)?"
+        )
+    info = _read_json(info_path) if os.path.isfile(info_path) else {}
+    evals = _read_json(eval_path) if os.path.isfile(eval_path) else {}
+    for path, value in ((info_path, info), (eval_path, evals)):
+        if not isinstance(value, dict):
+            raise RunRecordError(
+                f"{path}: holds {type(value).__name__}; expected a JSON object written by train_net.py"
+            )
+    results = evals.get("results", {})
+    if not isinstance(results, dict):
+        raise RunRecordError(f'{eval_path}: "results" is {type(results).__name__}; expected an object of metrics')
+    # the training run's fields where there was one, else those of --eval-only
+    kind = "train" if "train_machine" in info else "eval"
+    return {
+        "dir": run_dir,
+        "config": os.path.basename(info.get(f"{kind}_config_file", "")) or "?",
+        "backbone": info.get("backbone_arch") or info.get("backbone", "?"),
+        "box": _box_metrics(results),
+        "datasets": evals.get("datasets", []),
+        "params": info.get("backbone_params"),
+        "flops": info.get("backbone_flops", {}),
+        "train_s_per_iter": info.get("train_s_per_iter") or train_seconds_per_iter(run_dir)[0],
+        "ims_per_batch": info.get("ims_per_batch"),
+        "num_processes": info.get("train_num_processes"),
+        "inference_s_per_image": info.get("inference_s_per_image"),
+        "peak_memory_mb": info.get(f"{kind}_peak_memory_mb"),
+        "peak_memory_kind": info.get(f"{kind}_peak_memory_kind"),
+        "machine": info.get(f"{kind}_machine", "?"),
+    }
