@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from detectron2 import model_zoo
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
@@ -31,6 +30,8 @@ def _synthetic_batch(height=224, width=288):
 
 
 def test_stock_faster_rcnn_trains_one_step_and_infers():
+    from detectron2 import model_zoo  # needs pkg_resources: tools/setup_env.sh makes sure it is there
+
     cfg = get_cfg()
     cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"))
     cfg.MODEL.DEVICE = "cpu"
@@ -231,3 +232,24 @@ def test_setup_installs_the_fallback_only_where_detectron2_is_missing(repo_root)
     )
     result = subprocess.run([sys.executable, "-c", code, str(script), "status"], capture_output=True, text=True)
     assert result.stdout.strip() == "missing", result.stderr
+
+
+def test_detectron2_env_module_makes_get_cfg_know_scalenet(repo_root):
+    # what detectron2's own tools do with a ScaleNet config, with DETECTRON2_ENV_MODULE set
+    code = (
+        "from detectron2.config import get_cfg\n"
+        "from detectron2.modeling import build_model\n"
+        "cfg = get_cfg()\n"
+        f"cfg.merge_from_file({str(repo_root / 'configs/Synthetic/faster_rcnn_Stiny_FPN.yaml')!r})\n"
+        "cfg.MODEL.DEVICE = 'cpu'\n"
+        "model = build_model(cfg)\n"
+        "print(type(model.backbone.bottom_up).__name__, cfg.MODEL.SCALENET.ALLOCATION)\n"
+    )
+    env = dict(os.environ, DETECTRON2_ENV_MODULE="scalenet_d2.d2_env")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["ScaleNet", "scalenet_tiny"]
+    # without it, detectron2's get_cfg does not know the keys: the module is what makes the difference
+    env.pop("DETECTRON2_ENV_MODULE")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
+    assert result.returncode != 0 and "Non-existent config key: MODEL.SCALENET" in result.stderr

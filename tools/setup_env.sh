@@ -59,7 +59,13 @@ esac
 
 # One resolver run for detectron2 and scalenet_d2, so the fallback's pins hold for both.
 "${pip[@]}" "${d2_wheel[@]}" -e ".[dev]"
+# detectron2.model_zoo (its own, also after a source build) imports pkg_resources, which
+# setuptools 81 removed; fix only that, and say so.
+if ! "$py" -c "import detectron2.model_zoo" 2>/dev/null && ! "$py" -c "import pkg_resources" 2>/dev/null; then
+  echo "setup: detectron2.model_zoo needs pkg_resources, gone from setuptools>=81: installing setuptools<81"
+  "${pip[@]}" "setuptools<81"
+fi
 "$py" -m pip check
-"$py" -c "import detectron2, scalenet_d2"
+"$py" -c "import detectron2, detectron2.model_zoo, scalenet_d2"
 inputs_hash > "$stamp"
 echo "setup: done in $(( $(date +%s) - start ))s"
