@@ -497,3 +497,38 @@ def test_config_defaults_and_idempotence():
     assert cfg.MODEL.SCALENET.ALLOCATION == "scalenet101"
     cfg.merge_from_list(["MODEL.SCALENET.NORM", "GN", "MODEL.SCALENET.OUT_FEATURES", "['res3', 'res5']"])
     assert cfg.MODEL.SCALENET.NORM == "GN" and cfg.MODEL.SCALENET.OUT_FEATURES == ["res3", "res5"]
+
+
+def test_the_body_scripts_where_detectron2_resnet_does():
+    try:
+        import detectron2.export  # noqa: F401  makes detectron2's ResNet (and so ScaleNet) scriptable
+    except ImportError as e:  # v0.6's detectron2.export needs caffe2
+        pytest.skip(f"detectron2's own ResNet does not script here: detectron2.export does not import ({e})")
+    backbone = ScaleNet("scalenet_tiny").eval()
+    scripted = torch.jit.script(backbone)
+    for size in [(64, 96), (33, 47), (5, 300)]:
+        x = images(*size)
+        with torch.no_grad():
+            expected, ours = backbone(x), scripted(x)
+        for stage in STAGES:
+            torch.testing.assert_close(ours[stage], expected[stage], rtol=0, atol=0)
+
+
+class _Outputs(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return tuple(self.body(x).values())
+
+
+def test_a_traced_body_is_exact_at_every_input_size():
+    # the shape-dependent choices (pool clamping, nearest or bilinear) are scripted inside the trace
+    body = _Outputs(ScaleNet("scalenet_tiny").eval())
+    with torch.no_grad():
+        traced = torch.jit.trace(body, images(256, 320), check_trace=False)
+        for size in [(256, 352), (288, 384), (96, 1000), (5, 7), (33, 47), (1000, 17)]:
+            x = images(*size)
+            for expected, ours in zip(body(x), traced(x)):
+                torch.testing.assert_close(ours, expected, rtol=0, atol=0, msg=f"at {size}")
