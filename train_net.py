@@ -25,7 +25,16 @@ from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 
 from scalenet_d2.checkpoint import ScaleNetCheckpointer
-from scalenet_d2.engine import StartupError, Trainer, build_config, check_inputs, evaluate, launch_any, setup
+from scalenet_d2.engine import (
+    StartupError,
+    Trainer,
+    build_config,
+    check_inputs,
+    check_output_dir,
+    evaluate,
+    launch_any,
+    setup,
+)
 from scalenet_d2.run_record import write_run_record
 
 
@@ -53,7 +62,9 @@ if __name__ == "__main__":
     print("Command Line Args:", args)
     try:
         # Checked once here, before any worker starts, so a missing file is one clear message.
-        check_inputs(build_config(args, announce=True), args)
+        cfg = build_config(args, announce=True)
+        check_output_dir(cfg, args)
+        check_inputs(cfg, args)
     except StartupError as e:
         sys.exit(f"train_net.py: error: {e}")
     launch_any(main, args)

@@ -26,6 +26,7 @@ __all__ = [
     "resolve_allocation",
     "build_config",
     "check_inputs",
+    "check_output_dir",
     "setup",
     "Trainer",
     "evaluate",
@@ -50,6 +51,11 @@ def resolve_weights(cfg, config_file, eval_only=False):
     left to detectron2.
     """
     weights = cfg.MODEL.WEIGHTS
+    if not weights and eval_only:
+        raise StartupError(
+            '--eval-only with MODEL.WEIGHTS "" would evaluate an untrained model; pass MODEL.WEIGHTS '
+            "<trained detection checkpoint>, e.g. OUTPUT_DIR/model_final.pth of a training run"
+        )
     if not weights or "://" in weights:
         return
     candidates = []
@@ -132,6 +138,23 @@ def check_inputs(cfg, args):
         check_datasets(names)
     except (FileNotFoundError, KeyError) as e:
         raise StartupError(e.args[0] if e.args else str(e)) from None
+
+
+def check_output_dir(cfg, args):
+    """A training run never replaces another's results: without --resume, OUTPUT_DIR must hold
+    no checkpoints. Called once, before any process starts."""
+    out = cfg.OUTPUT_DIR
+    if args.eval_only or args.resume or not os.path.isdir(out):
+        return
+    found = sorted(
+        f for f in os.listdir(out) if f == "last_checkpoint" or (f.startswith("model_") and f.endswith(".pth"))
+    )
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise StartupError(
+            f"OUTPUT_DIR {os.path.abspath(out)} holds another run's checkpoints ({shown}); pass --resume to "
+            "continue that run, or set OUTPUT_DIR to a new folder"
+        )
 
 
 def setup(args):

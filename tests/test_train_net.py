@@ -155,13 +155,15 @@ def test_missing_weights_fail_at_start_with_instruction(env, tmp_path):
 
 def test_missing_coco_fails_at_start_naming_path(env, tmp_path):
     e = dict(env, DETECTRON2_DATASETS=str(tmp_path / "nowhere"))
+    weights = tmp_path / "model_final.pth"
+    weights.write_bytes(b"")  # never read: the check comes first
     rc, log = train_net(
         e,
         "--config-file",
         "configs/COCO-Detection/faster_rcnn_S50_FPN_1x.yaml",
         "--eval-only",
         "MODEL.WEIGHTS",
-        "",
+        str(weights),
         "OUTPUT_DIR",
         str(tmp_path),
         timeout=120,
@@ -169,3 +171,29 @@ def test_missing_coco_fails_at_start_naming_path(env, tmp_path):
     assert rc != 0 and "Traceback" not in log
     assert str(tmp_path / "nowhere" / "coco" / "annotations" / "instances_val2017.json") in log
     assert "DETECTRON2_DATASETS" in log
+
+
+def test_a_finished_run_is_never_restarted_over(trained, env):
+    out, _ = trained
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
+    rc, log = train_net(env, "--config-file", CONFIG, *TINY, "SOLVER.MAX_ITER", "4", "OUTPUT_DIR", out, timeout=120)
+    assert rc != 0 and "Traceback" not in log
+    assert f"OUTPUT_DIR {out} holds another run's checkpoints" in log and "pass --resume" in log
+    assert {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)} == before  # nothing touched
+
+
+def test_eval_only_without_weights_is_refused(env, tmp_path):
+    rc, log = train_net(
+        env,
+        "--config-file",
+        CONFIG,
+        "--eval-only",
+        *TINY,
+        "MODEL.WEIGHTS",
+        "",
+        "OUTPUT_DIR",
+        str(tmp_path),
+        timeout=120,
+    )
+    assert rc != 0 and "Traceback" not in log
+    assert "--eval-only with MODEL.WEIGHTS" in log and "untrained model" in log
