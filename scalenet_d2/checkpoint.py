@@ -74,8 +74,6 @@ EXPECTED_INPUT = {
 # Feature side of stage res{k+2} at a 224x224 input: what the published sides are.
 STANDARD_SIDES = (56, 28, 14, 7)
 
-_BN_ENTRIES = ("weight", "bias", "running_mean", "running_var")
-
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint that does not fit the expected ScaleNet; the message names the first mismatch."""
