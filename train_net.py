@@ -24,10 +24,13 @@ import detectron2.utils.comm as comm
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 
-from scalenet_d2.checkpoint import ScaleNetCheckpointer
+from scalenet_d2.checkpoint import CheckpointMismatchError, ScaleNetCheckpointer
+from scalenet_d2.data.resumable import DatasetError
 from scalenet_d2.engine import (
+    OutputDirGuard,
     StartupError,
     Trainer,
+    TrainingDivergedError,
     build_config,
     check_inputs,
     check_output_dir,
@@ -39,18 +42,31 @@ from scalenet_d2.run_record import write_run_record
 
 
 def main(args):
-    cfg = setup(args)
+    cfg = build_config(args)
+    guard = OutputDirGuard(cfg.OUTPUT_DIR)
+    try:  # until the work starts, a failure leaves OUTPUT_DIR as it was
+        cfg = setup(args)
+        if args.eval_only:
+            model = Trainer.build_model(cfg)
+            ScaleNetCheckpointer(
+                model, save_dir=cfg.OUTPUT_DIR, allow_partial=cfg.MODEL.SCALENET.ALLOW_PARTIAL_WEIGHTS
+            ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        else:
+            trainer = Trainer(cfg)
+            trainer.resume_or_load(resume=args.resume)
+    except BaseException:
+        guard.restore()
+        raise
+
     if args.eval_only:
-        model = Trainer.build_model(cfg)
-        ScaleNetCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        if "config.yaml" in guard.saved:  # the config of the run that trained these weights stays
+            guard.restore(files=("config.yaml",))
         results, inference = evaluate(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
             write_run_record(cfg, args, model, results, training=False, inference=inference)
         return results
 
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
     trainer.train()
     if comm.is_main_process():
         write_run_record(cfg, args, trainer.model, trainer.results, training=True, inference=trainer.inference)
@@ -67,4 +83,7 @@ if __name__ == "__main__":
         check_inputs(cfg, args)
     except StartupError as e:
         sys.exit(f"train_net.py: error: {e}")
-    launch_any(main, args)
+    try:
+        launch_any(main, args)
+    except (CheckpointMismatchError, TrainingDivergedError, DatasetError) as e:
+        sys.exit(f"train_net.py: error: {e}")

@@ -7,7 +7,7 @@ from typing import Callable, Dict, Mapping
 
 import torch
 
-__all__ = ["write_atomically", "bytes_writer", "torch_writer", "atomic_torch_save"]
+__all__ = ["write_atomically", "bytes_writer", "torch_writer", "torch_file_writer", "atomic_torch_save"]
 
 
 def write_atomically(writers: Mapping[str, Callable[[str], None]]) -> None:
@@ -30,10 +30,25 @@ def write_atomically(writers: Mapping[str, Callable[[str], None]]) -> None:
         for path, tmp in temps.items():
             os.replace(tmp, path)
         temps.clear()
+        for directory in {os.path.dirname(os.path.abspath(p)) for p in writers}:
+            _fsync_directory(directory)  # the renames themselves survive a power cut
     finally:
         for tmp in temps.values():
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def _fsync_directory(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not every platform opens folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def bytes_writer(data: bytes) -> Callable[[str], None]:
@@ -51,6 +66,19 @@ def torch_writer(obj) -> Callable[[str], None]:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return bytes_writer(buf.getvalue())
+
+
+def torch_file_writer(obj) -> Callable[[str], None]:
+    """A writer of `obj` in torch.save format straight to the file (no copy in memory: large
+    checkpoints), flushed to disk before the rename."""
+
+    def write(path: str) -> None:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return write
 
 
 def atomic_torch_save(obj, path: str) -> None:

@@ -13,6 +13,9 @@ def add_scalenet_config(cfg):
         project format or the published row format. It fixes the depth, so there is no DEPTH.
     MODEL.SCALENET.OUT_FEATURES: which of res2..res5 the body returns (as RESNETS.OUT_FEATURES).
     MODEL.SCALENET.NORM: FrozenBN (default), BN, SyncBN, GN, or any norm detectron2's get_norm takes.
+    MODEL.SCALENET.ALLOW_PARTIAL_WEIGHTS: False (default): loading weights that leave a backbone
+        body tensor (ScaleNet's, or the ResNet twin's) unloaded or unused is an error; True
+        logs it instead, for deliberate partial loads.
 
     MODEL.BACKBONE.FREEZE_AT keeps its detectron2 meaning: 0 nothing, 1 the stem,
     k >= 2 the stem and res2..res{k}.
@@ -21,6 +24,7 @@ def add_scalenet_config(cfg):
         "ALLOCATION": "scalenet50",
         "OUT_FEATURES": ["res4"],
         "NORM": "FrozenBN",
+        "ALLOW_PARTIAL_WEIGHTS": False,
     }
     if "SCALENET" not in cfg.MODEL:
         cfg.MODEL.SCALENET = CN()

@@ -3,20 +3,29 @@ the trainer (ScaleNetCheckpointer, COCO evaluation that works without compiled o
 inference) and `launch_any` (detectron2's launch, also on CPU-only machines).
 """
 
+import json
+import logging
 import os
+import random
+import shutil
 import time
-import weakref
 
+import numpy as np
 import torch
 from detectron2.config import get_cfg
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import DefaultTrainer, default_setup, hooks
+from detectron2.engine.train_loop import TrainerBase
+from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from torch import nn
 
 from .allocation import BUNDLED_ALLOCATIONS
+from .atomic import bytes_writer, write_atomically
 from .checkpoint import ScaleNetCheckpointer
 from .config import add_scalenet_config
 from .cpu_launch import launch_any
 from .data import check_datasets  # importing it registers the synthetic splits
+from .data.resumable import build_resumable_train_loader, start_iterating
 from .evaluation import build_coco_evaluator
 
 __all__ = [
@@ -27,7 +36,9 @@ __all__ = [
     "build_config",
     "check_inputs",
     "check_output_dir",
+    "OutputDirGuard",
     "setup",
+    "TrainingDivergedError",
     "Trainer",
     "evaluate",
     "launch_any",
@@ -157,6 +168,46 @@ def check_output_dir(cfg, args):
         )
 
 
+class OutputDirGuard:
+    """Puts OUTPUT_DIR back as it was when a run fails before it starts working.
+
+    detectron2's default_setup writes config.yaml and log.txt before the model is built and
+    the weights are checked; a run that then fails (a mismatching checkpoint, a missing file)
+    would otherwise leave another run's config.yaml replaced. `restore()` puts config.yaml
+    back, cuts log.txt back to its old length and removes a folder this run created.
+    """
+
+    FILES = ("config.yaml", "log.txt")
+
+    def __init__(self, output_dir):
+        self.output_dir = output_dir
+        self.existed = bool(output_dir) and os.path.isdir(output_dir)
+        self.saved = {}
+        for name in self.FILES if self.existed else ():
+            path = os.path.join(output_dir, name)
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    self.saved[name] = f.read() if name == "config.yaml" else os.path.getsize(path)
+
+    def restore(self, files=FILES):
+        if not self.output_dir or not comm.is_main_process():
+            return
+        if not self.existed:
+            if os.path.isdir(self.output_dir) and set(os.listdir(self.output_dir)) <= set(self.FILES):
+                shutil.rmtree(self.output_dir, ignore_errors=True)
+            return
+        for name in files:
+            path = os.path.join(self.output_dir, name)
+            old = self.saved.get(name)
+            if old is None:
+                if os.path.isfile(path):
+                    os.remove(path)
+            elif isinstance(old, bytes):
+                write_atomically({path: bytes_writer(old)})
+            elif os.path.isfile(path) and os.path.getsize(path) > old:
+                os.truncate(path, old)
+
+
 def setup(args):
     cfg = build_config(args)
     default_setup(cfg, args)
@@ -193,14 +244,95 @@ class _TimedModel(nn.Module):
         return (sum(self.seconds[skip:]) / n if n else None), n
 
 
+def _rng_state():
+    """Every RNG the training step draws from, as tensors and plain numbers (weights_only loads it)."""
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    rng = {
+        "python": [version, torch.tensor(state, dtype=torch.int64), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _set_rng_state(rng):
+    version, state, gauss = rng["python"]
+    random.setstate((version, tuple(state.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class TrainingDivergedError(FloatingPointError):
+    """A non-finite loss or gradient; nothing from that iteration on was applied or saved."""
+
+
+class MetricsWriter(JSONWriter):
+    """detectron2's JSONWriter (metrics.json) that a resumed run can cut back to the iteration it
+    resumes from, so every iteration appears once."""
+
+    def __init__(self, json_file, window_size=20):
+        super().__init__(json_file, window_size)
+        self.path = json_file
+
+    def drop_from(self, iteration):
+        self._file_handle.close()
+        kept, dropped, broken = [], 0, 0
+        if os.path.isfile(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:  # a line cut short when the run was killed
+                        broken += 1
+                        continue
+                    if entry.get("iteration", -1) < iteration:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                    else:
+                        dropped += 1
+            write_atomically({self.path: bytes_writer("".join(kept).encode())})
+        if dropped or broken:
+            logging.getLogger(__name__).info(
+                f"{self.path}: dropped {dropped} entries of iterations >= {iteration} (to be redone)"
+                + (f" and {broken} unreadable lines" if broken else "")
+            )
+        self._file_handle = open(self.path, "a")
+
+
 class Trainer(DefaultTrainer):
-    """detectron2's DefaultTrainer with the project's evaluator and strict checkpointer; its
-    evaluations keep their results (`self.results`) and time the forward (`self.inference`)."""
+    """detectron2's DefaultTrainer made safe to leave running for days:
+
+    - ScaleNetCheckpointer: weights checked on every load, checkpoints written atomically,
+      resume from the newest intact checkpoint;
+    - a checkpoint holds the optimizer and LR scheduler (also on detectron2 versions whose
+      trainer left them out), the RNG states and the data stream's seed; the training data
+      is a TrainStream, so a resumed run continues the data exactly;
+    - metrics.json is cut back to the resumed iteration, so each iteration appears once;
+    - a non-finite loss (detectron2's check) or gradient (checked before each optimizer
+      step) stops training before the step, naming the iteration and the last good checkpoint;
+    - the project's evaluator; evaluations keep their results (`self.results`) and time the
+      forward (`self.inference`).
+    """
 
     def __init__(self, cfg):
         self.results = None  # of the last evaluation
         self.inference = (None, 0)  # (seconds per image, images timed) of the last evaluation
+        self._restored = {}
         super().__init__(cfg)
+        self._data_seed = getattr(self._trainer.data_loader, "stream_seed", None)
+        self._trainer.optimizer.register_step_pre_hook(self._check_gradients)
+
+    @classmethod
+    def build_train_loader(cls, cfg, seed=None, start_iter=0):
+        seed = seed if seed is not None else (cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed())
+        loader = build_resumable_train_loader(cfg, seed, start_iter)
+        loader.stream_seed = seed  # saved in checkpoints: a resumed run rebuilds the same stream
+        return loader
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -208,12 +340,83 @@ class Trainer(DefaultTrainer):
         return build_coco_evaluator(dataset_name, output_dir=output_folder)
 
     def build_hooks(self):
-        # Same files and resume logic as detectron2's DetectionCheckpointer, but a checkpoint
-        # that does not fit the model fails naming the key and both shapes.
         self.checkpointer = ScaleNetCheckpointer(
-            self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            self.checkpointer.model,
+            self.cfg.OUTPUT_DIR,
+            allow_partial=self.cfg.MODEL.SCALENET.ALLOW_PARTIAL_WEIGHTS,
+            **self.checkpointer.checkpointables,
         )
         return super().build_hooks()
+
+    def build_writers(self):
+        return [
+            CommonMetricPrinter(self.max_iter),
+            MetricsWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
+            TensorboardXWriter(self.cfg.OUTPUT_DIR),
+        ]
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self):
+        state = super().state_dict()
+        state.setdefault("_trainer", self._trainer.state_dict())  # older detectron2 leaves the optimizer out
+        state["rng"] = _rng_state()
+        state["data"] = {"seed": self._data_seed}
+        return state
+
+    def load_state_dict(self, state):
+        TrainerBase.load_state_dict(self, state)  # iteration, hooks (the LR scheduler)
+        if "_trainer" in state:
+            self._trainer.load_state_dict(state["_trainer"])  # optimizer (and AMP's grad scaler)
+        self._restored = {k: state[k] for k in ("rng", "data") if k in state}
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        if self.start_iter == 0:
+            return
+        for writer in (w for h in self._hooks if isinstance(h, hooks.PeriodicWriter) for w in h._writers):
+            if isinstance(writer, MetricsWriter):
+                writer.drop_from(self.start_iter)
+        self._data_seed = self._restored.get("data", {}).get("seed", self._data_seed)
+        if self._data_seed is None:  # a sampler other than TrainingSampler: detectron2's own loader
+            return
+        loader = self.build_train_loader(self.cfg, seed=self._data_seed, start_iter=self.start_iter)
+        self._trainer.data_loader = loader
+        # started now, before the RNGs are restored: starting draws a seed from torch's RNG
+        if hasattr(self._trainer, "_data_loader_iter_obj"):
+            self._trainer._data_loader_iter_obj = start_iterating(loader)
+        else:
+            self._trainer._data_loader_iter = start_iterating(loader)
+        if "rng" in self._restored:
+            _set_rng_state(self._restored["rng"])
+        else:
+            logging.getLogger(__name__).warning("The checkpoint holds no RNG state: the resumed run's draws differ")
+
+    # ------------------------------------------------------------------ divergence
+    def _check_gradients(self, optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads or bool(torch.stack([torch.linalg.vector_norm(g) for g in grads]).isfinite().all()):
+            return
+        names = {id(p): n for n, p in self._trainer.model.named_parameters()}
+        bad = [
+            names.get(id(p), "?")
+            for g in optimizer.param_groups
+            for p in g["params"]
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        ]
+        raise FloatingPointError(
+            f"Gradient of {bad[0]} ({len(bad)} parameters in all) became infinite or NaN at iteration={self.iter}!"
+        )
+
+    def train(self):
+        try:
+            return super().train()
+        except FloatingPointError as e:
+            last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else None
+            raise TrainingDivergedError(
+                f"training diverged at iteration {self.iter}: {e} The step was not applied and nothing non-finite was "
+                f"saved; the last good checkpoint is {last or 'none (none written yet)'}. Lower SOLVER.BASE_LR or "
+                "lengthen SOLVER.WARMUP_ITERS, then --resume from it or start again."
+            ) from e
 
     def test(self, cfg, model, evaluators=None):
         """DefaultTrainer.test (called by its EvalHook), timing the forward passes."""
