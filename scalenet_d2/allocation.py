@@ -14,6 +14,7 @@ Every problem with a file raises `AllocationError` naming the file, the row or b
 field and what was expected.
 """
 
+import difflib
 import json
 import numbers
 import os
@@ -226,6 +227,7 @@ class Allocation:
             raise AllocationError(
                 f'{source}: "version" is {data.get("version")!r}; this scalenet_d2 reads version {FORMAT_VERSION}'
             )
+        _check_known_fields(data, TOP_LEVEL_FIELDS, source)
         for key in ("name", "scales", "stem_channels", "stages"):
             if key not in data:
                 raise AllocationError(f'{source}: missing field "{key}"')
@@ -253,6 +255,7 @@ class Allocation:
             if stage.get("name") != expected_name:
                 raise AllocationError(f'{where}: "name" is {stage.get("name")!r}; expected {expected_name!r}')
             where = f"{where} ({expected_name})"
+            _check_known_fields(stage, STAGE_FIELDS, where)
             for key in ("planes", "side", "blocks"):
                 if key not in stage:
                     raise AllocationError(f'{where}: missing field "{key}"')
@@ -273,6 +276,7 @@ class Allocation:
             input_size=input_size,
             source=source,
         )
+        _check_buildable(allocation, source)
         if "depth" in data and data["depth"] != allocation.depth:
             raise AllocationError(
                 f'{source}: "depth" is {data["depth"]!r} but the stages have {allocation.num_blocks} blocks, '
@@ -314,12 +318,68 @@ class Allocation:
                     )
                 sides.append(side)
             stages.append(StageAllocation(stage_name, planes, sides[0], tuple(widths)))
-        return cls(
+        allocation = cls(
             name=name,
             stem_channels=PUBLISHED_STEM_CHANNELS,
             stages=tuple(stages),
             provenance={"format": "published row format", "file": os.path.basename(source), "depth": depth},
             source=source,
+        )
+        _check_buildable(allocation, source)
+        return allocation
+
+
+TOP_LEVEL_FIELDS = (
+    "format",
+    "version",
+    "name",
+    "depth",
+    "scales",
+    "stem_channels",
+    "input_size",
+    "stages",
+    "provenance",
+)
+STAGE_FIELDS = ("name", "planes", "side", "blocks")
+# Beyond this a network is a typo, not an experiment: 2e9 parameters are 8 GB of float32 weights
+# before gradients and optimizer state.
+MAX_PARAMETERS = 2_000_000_000
+
+
+def _check_known_fields(data: dict, known: Sequence[str], where: str) -> None:
+    """A misspelt field is an error naming the closest known one (it would otherwise be ignored)."""
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f'; did you mean "{close[0]}"?' if close else ""
+            raise AllocationError(f'{where}: unknown field "{key}"{hint} (known fields: {", ".join(known)})')
+
+
+def parameter_count(allocation: "Allocation") -> int:
+    """Weights of the network's convs (BN and classifier left out), from the widths alone:
+    cheap enough to check before anything is allocated."""
+    total = 3 * allocation.stem_channels * 49
+    in_channels = allocation.stem_channels
+    for stage in allocation.stages:
+        for b, widths in enumerate(stage.blocks):
+            total += in_channels * stage.planes  # conv1
+            total += sum(stage.planes * w * 9 for w in widths)  # conv2 branches (at most 3x3)
+            total += sum(widths) * 4 * stage.planes  # conv3
+            if b == 0:
+                total += in_channels * 4 * stage.planes  # shortcut
+            in_channels = 4 * stage.planes
+    return total
+
+
+def _check_buildable(allocation: "Allocation", source: str) -> None:
+    count = parameter_count(allocation)
+    if count > MAX_PARAMETERS:
+        widest = max((max(w), stage.name) for stage in allocation.stages for w in stage.blocks)
+        raise AllocationError(
+            f"{source}: this network would have about {count / 1e9:.0f} billion conv weights "
+            f"({count * 4 / 2**30:.0f} GiB in float32; widest branch {widest[0]} in {widest[1]}, planes up to "
+            f"{max(s.planes for s in allocation.stages)}); expected at most {MAX_PARAMETERS / 1e9:.0f} billion. "
+            "Is a width or planes value mistyped?"
         )
 
 

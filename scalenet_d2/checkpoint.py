@@ -179,11 +179,14 @@ def load_published_state_dict(path: str, allow_pickle: bool = False) -> Dict[str
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except pickle.UnpicklingError as e:
-        raise CheckpointMismatchError(
-            f"{path}: cannot be read with weights_only=True ({str(e).splitlines()[0]}); if you trust the file, "
-            "allow full unpickling (--allow-pickle)"
-        ) from None
+    except Exception as e:
+        if "Weights only load failed" in str(e) and not allow_pickle:
+            first_line = str(e).strip().splitlines()[0]
+            raise CheckpointMismatchError(
+                f"{path}: holds Python objects besides tensors, which are not unpickled by default ({first_line}); "
+                "if you trust the file, allow full unpickling (--allow-pickle)"
+            ) from None
+        raise CheckpointMismatchError(describe_unreadable(path, e)) from None
     return published_state_dict(obj, source=path)
 
 

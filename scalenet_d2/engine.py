@@ -24,7 +24,7 @@ from .atomic import bytes_writer, write_atomically
 from .checkpoint import ScaleNetCheckpointer
 from .config import add_scalenet_config
 from .cpu_launch import launch_any
-from .data import check_datasets  # importing it registers the synthetic splits
+from .data import check_datasets, explain_dataset_failure  # importing it registers the synthetic splits
 from .data.resumable import build_resumable_train_loader, start_iterating
 from .evaluation import build_coco_evaluator
 
@@ -268,6 +268,9 @@ def _set_rng_state(rng):
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+METRICS_WINDOW = 20  # detectron2's writers smooth over the last 20 iterations
+
+
 class TrainingDivergedError(FloatingPointError):
     """A non-finite loss or gradient; nothing from that iteration on was applied or saved."""
 
@@ -335,6 +338,13 @@ class Trainer(DefaultTrainer):
         return loader
 
     @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        try:
+            return super().build_test_loader(cfg, dataset_name)
+        except Exception as e:
+            raise explain_dataset_failure([dataset_name], e, for_training=False) from e
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return build_coco_evaluator(dataset_name, output_dir=output_folder)
@@ -361,13 +371,19 @@ class Trainer(DefaultTrainer):
         state.setdefault("_trainer", self._trainer.state_dict())  # older detectron2 leaves the optimizer out
         state["rng"] = _rng_state()
         state["data"] = {"seed": self._data_seed}
+        storage = getattr(self, "storage", None)
+        if storage is not None:  # the recent scalars, so the smoothed values logged after a resume are the same
+            state["metrics"] = {
+                name: [[float(v), int(i)] for v, i in history.values()[-METRICS_WINDOW:]]
+                for name, history in storage.histories().items()
+            }
         return state
 
     def load_state_dict(self, state):
         TrainerBase.load_state_dict(self, state)  # iteration, hooks (the LR scheduler)
         if "_trainer" in state:
             self._trainer.load_state_dict(state["_trainer"])  # optimizer (and AMP's grad scaler)
-        self._restored = {k: state[k] for k in ("rng", "data") if k in state}
+        self._restored = {k: state[k] for k in ("rng", "data", "metrics") if k in state}
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
@@ -390,6 +406,12 @@ class Trainer(DefaultTrainer):
             _set_rng_state(self._restored["rng"])
         else:
             logging.getLogger(__name__).warning("The checkpoint holds no RNG state: the resumed run's draws differ")
+
+    def before_train(self):
+        super().before_train()
+        for name, values in self._restored.get("metrics", {}).items():
+            for value, iteration in values:
+                self.storage.histories()[name].update(value, iteration)  # a defaultdict
 
     # ------------------------------------------------------------------ divergence
     def _check_gradients(self, optimizer, args, kwargs):

@@ -409,13 +409,30 @@ class AllocationResult:
     next_step: Optional[Selection] = None  # FLOPs target only: the next larger neuron step
 
 
+def _refuse_untrained(seed) -> None:
+    gammas = [v.flatten() for k, v in seed.state_dict.items() if re.fullmatch(r"layer\d\.\d+\.bn2\.\d+\.weight", k)]
+    if not gammas:
+        return
+    values = torch.cat(gammas).float()
+    if bool((values == values[0]).all()):
+        raise NeuronAllocationError(
+            f"seed checkpoint {seed.path}: all {values.numel()} scale-branch BN gammas equal {values[0].item():g}, "
+            "as in an untrained network; the allocation would be the tie-break order, not learnt. Expected a "
+            "trained seed (tools/train_classifier.py); pass --force to allocate from it anyway"
+        )
+
+
 def allocate_from_checkpoint(
     seed_checkpoint: str,
     width_multiplier: Optional[float] = None,
     target_gflops: Optional[float] = None,
     name: str = "allocation",
+    force: bool = False,
 ) -> AllocationResult:
-    """Seed checkpoint + budget (exactly one of width_multiplier, target_gflops) -> allocation with provenance."""
+    """Seed checkpoint + budget (exactly one of width_multiplier, target_gflops) -> allocation with provenance.
+
+    A seed whose scale-branch BN gammas are all equal (untrained: BN starts at 1) is refused
+    unless `force`: its ranking, hence the allocation, would be the tie-break order only."""
     if (width_multiplier is None) == (target_gflops is None):
         raise NeuronAllocationError("budget: give exactly one of width_multiplier and target_gflops")
     if target_gflops is not None and not (
@@ -423,6 +440,8 @@ def allocate_from_checkpoint(
     ):
         raise NeuronAllocationError(f"FLOPs target {target_gflops!r} GFLOPs keeps nothing: expected a number > 0")
     seed = load_seed_checkpoint(seed_checkpoint)
+    if not force:
+        _refuse_untrained(seed)
     ranking = NeuronRanking(seed.allocation, seed.state_dict, source=f"seed checkpoint {seed.path}")
     next_step = None
     if width_multiplier is not None:

@@ -8,6 +8,7 @@ start-up errors for missing weights and datasets.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -197,3 +198,105 @@ def test_eval_only_without_weights_is_refused(env, tmp_path):
     )
     assert rc != 0 and "Traceback" not in log
     assert "--eval-only with MODEL.WEIGHTS" in log and "untrained model" in log
+
+
+def _weights(path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_killed_and_resumed_run_ends_bit_identical(env, tmp_path):
+    """A run stopped after its first checkpoint and resumed ends with exactly the weights,
+    optimizer state and metrics of one that never stopped (CPU, fixed SEED, NUM_WORKERS 0)."""
+    import torch
+
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    rc, log = train_net(env, "--config-file", CONFIG, *TINY, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", whole)
+    assert rc == 0, log[-3000:]
+    # the state a kill -9 right after model_0000001.pth was written leaves behind: later
+    # checkpoints never written, metrics.json and the TensorBoard events already ahead of it
+    shutil.copytree(whole, cut)
+    for name in ("model_0000003.pth", "model_0000005.pth", "model_final.pth"):
+        os.remove(os.path.join(cut, name))
+    with open(os.path.join(cut, "last_checkpoint"), "w") as f:
+        f.write("model_0000001.pth")
+    rc, log = train_net(env, "--config-file", CONFIG, "--resume", *TINY, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", cut)
+    assert rc == 0, log[-3000:]
+    assert "Starting training from iteration 2" in log
+
+    a, b = _weights(os.path.join(whole, "model_final.pth")), _weights(os.path.join(cut, "model_final.pth"))
+    assert a["model"].keys() == b["model"].keys()
+    differing = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not differing, f"{len(differing)} tensors differ, first {differing[0]}"
+    momentum_a = a["trainer"]["_trainer"]["optimizer"]["state"]
+    momentum_b = b["trainer"]["_trainer"]["optimizer"]["state"]
+    assert momentum_a.keys() == momentum_b.keys() and len(momentum_a) > 0
+    assert all(torch.equal(momentum_a[i]["momentum_buffer"], momentum_b[i]["momentum_buffer"]) for i in momentum_a)
+    assert a["trainer"]["hooks"]["LRScheduler"] == b["trainer"]["hooks"]["LRScheduler"]
+
+    iterations = [m["iteration"] for m in metrics(cut) if "total_loss" in m]
+    assert len(iterations) == len(set(iterations)), iterations  # each iteration once
+    strip = [{k: v for k, v in m.items() if "time" not in k} for m in metrics(whole)]
+    assert [{k: v for k, v in m.items() if "time" not in k} for m in metrics(cut)] == strip
+
+
+def test_resume_skips_a_broken_newest_checkpoint(trained, env, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(trained[0], out)
+    final = os.path.join(out, "model_final.pth")
+    with open(final, "r+b") as f:  # what a kill -9 in the middle of a plain torch.save leaves
+        f.truncate(os.path.getsize(final) // 2)
+    rc, log = train_net(env, "--config-file", CONFIG, "--resume", *TINY, "SOLVER.MAX_ITER", "5", "OUTPUT_DIR", out)
+    assert rc == 0, log[-3000:]
+    assert re.search(
+        r"Resume: skipping model_final\.pth: .*model_final\.pth \(\d+ bytes\) is a torch checkpoint that is truncated",
+        log,
+    )
+    assert f"resuming from {out}/model_0000003.pth, the newest intact checkpoint" in log
+    assert "Starting training from iteration 4" in log
+
+
+def test_divergence_stops_before_a_non_finite_step_or_checkpoint(env, tmp_path):
+    import torch
+
+    rc, log = train_net(
+        env, "--config-file", CONFIG, *TINY, "SOLVER.BASE_LR", "1e4", "SOLVER.WARMUP_ITERS", "0",
+        "SOLVER.MAX_ITER", "20", "OUTPUT_DIR", str(tmp_path),
+    )  # fmt: skip
+    assert rc != 0
+    match = re.search(r"train_net.py: error: training diverged at iteration (\d+): ", log)
+    assert match, log[-3000:]
+    assert int(match.group(1)) < 19
+    assert f"the last good checkpoint is {tmp_path}/model_" in log
+    for name in os.listdir(tmp_path):
+        if name.endswith(".pth"):
+            state = _weights(tmp_path / name)["model"]
+            assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), name
+    assert not (tmp_path / "model_final.pth").exists()
+
+
+def test_resume_with_another_allocation_is_refused_and_changes_nothing(trained, env, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(trained[0], out)
+    before = _snapshot(out)
+    rc, log = train_net(
+        env, "--config-file", CONFIG, "--resume", *TINY, "MODEL.SCALENET.ALLOCATION", "scalenet50_light",
+        "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", out,
+    )  # fmt: skip
+    assert rc != 0 and "train_net.py: error: " in log
+    assert f"{out}/model_final.pth does not fit the model's backbone: " in log
+    assert re.search(r"first 'backbone\.bottom_up\.\S+': shape \(\d+(, \d+)*\) in the checkpoint, \(\d+", log)
+    assert "MODEL.SCALENET.ALLOW_PARTIAL_WEIGHTS" in log
+    assert _snapshot(out) == before  # config.yaml and log.txt as they were
+
+
+def _snapshot(folder):
+    import hashlib
+
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                found[os.path.relpath(os.path.join(root, name), folder)] = hashlib.sha256(f.read()).hexdigest()
+    return found

@@ -41,6 +41,11 @@ def parse_args(argv=None):
     budget.add_argument(
         "--target-gflops", type=float, help="FLOPs budget at 224x224 (multiply-accumulates, like the paper's 3.8 G)"
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="allocate even from a seed whose branch BN gammas are all equal (untrained: the ranking is tie-break order)",
+    )
     p.add_argument("--output", required=True, help="allocation file to write (project JSON format)")
     p.add_argument("--name", help="allocation name (default: the output file's stem)")
     p.add_argument("--chart", help="PNG chart of neurons per scale for every block")
@@ -64,7 +69,9 @@ def main(argv=None):
             raise NeuronAllocationError(f"output {o}: folder {folder} does not exist")
 
     name = args.name or os.path.splitext(os.path.basename(args.output))[0]
-    result = allocate_from_checkpoint(args.seed_checkpoint, args.width_multiplier, args.target_gflops, name=name)
+    result = allocate_from_checkpoint(
+        args.seed_checkpoint, args.width_multiplier, args.target_gflops, name=name, force=args.force
+    )
     allocation = result.allocation
 
     # Build every output in memory (and check it) before anything touches the disk.

@@ -5,14 +5,25 @@ detectron2. COCO itself is registered by detectron2 (``detectron2.data.datasets.
 under $DETECTRON2_DATASETS, as in any detectron2 project.
 """
 
+import json
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
+from .resumable import DatasetError
 from .synthetic import CLASSES, SPLITS, cache_root, ensure_split, split_paths
 
-__all__ = ["register_synthetic_datasets", "check_datasets", "CLASSES", "SPLITS", "ensure_split"]
+__all__ = [
+    "register_synthetic_datasets",
+    "check_datasets",
+    "check_annotation_file",
+    "explain_dataset_failure",
+    "DatasetError",
+    "CLASSES",
+    "SPLITS",
+    "ensure_split",
+]
 
 _D2_DATASETS_ENV = "DETECTRON2_DATASETS"
 
@@ -79,6 +90,46 @@ def check_datasets(names):
                 raise FileNotFoundError(
                     f"dataset '{name}': its {field} {os.path.abspath(path)} does not exist." + _coco_hint(name)
                 )
+
+
+def check_annotation_file(json_file, dataset="", for_training=True):
+    """Raises DatasetError naming the file, the field and what was expected when a COCO-format
+    annotation file cannot be used: invalid JSON (with its position), another top-level type,
+    no images, no annotations (for training)."""
+    where = f"dataset '{dataset}': annotation file {json_file}" if dataset else f"annotation file {json_file}"
+    try:
+        with open(json_file, "rb") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{where} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (byte {e.pos})")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{where} is not UTF-8 text (byte {e.start}); expected COCO-format JSON")
+    if not isinstance(data, dict):
+        raise DatasetError(
+            f"{where}: the top level is a JSON {type(data).__name__}; expected an object with "
+            '"images", "annotations" and "categories" (COCO format)'
+        )
+    for field in ("images", "annotations", "categories") if for_training else ("images", "categories"):
+        value = data.get(field)
+        if not isinstance(value, list) or (field != "categories" and not value):
+            got = (
+                "missing"
+                if field not in data
+                else f"a {type(value).__name__} of length {len(value)}"
+                if hasattr(value, "__len__")
+                else repr(value)
+            )
+            raise DatasetError(f'{where}: "{field}" is {got}; expected a non-empty list (COCO format)')
+
+
+def explain_dataset_failure(names, error, for_training=True):
+    """A DatasetError for `error` raised while loading `names`: the annotation file's problem
+    when one is found, else the original error with the datasets named."""
+    for name in names:
+        json_file = MetadataCatalog.get(name).get("json_file", None) if name in DatasetCatalog.list() else None
+        if json_file and os.path.isfile(json_file):
+            check_annotation_file(json_file, name, for_training)
+    return DatasetError(f"loading dataset(s) {', '.join(names)} failed: {type(error).__name__}: {error}")
 
 
 def _cache_dir_of(name):

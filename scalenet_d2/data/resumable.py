@@ -149,7 +149,12 @@ def build_resumable_train_loader(cfg, seed: int, start_iter: int = 0, mapper=Non
             "restarts when a run is resumed"
         )
         return build_detection_train_loader(cfg, mapper=mapper)
-    args = _train_loader_from_config(cfg, mapper)
+    try:
+        args = _train_loader_from_config(cfg, mapper)
+    except Exception as e:
+        from . import explain_dataset_failure  # the package imports this module
+
+        raise explain_dataset_failure(cfg.DATASETS.TRAIN, e) from e
     stream = TrainStream(args["dataset"], args["mapper"], seed, cfg.DATASETS.TRAIN)
     world, rank = comm.get_world_size(), comm.get_rank()
     first, start = stream.resume_point(
