@@ -171,41 +171,42 @@ def check_output_dir(cfg, args):
 class OutputDirGuard:
     """Puts OUTPUT_DIR back as it was when a run fails before it starts working.
 
-    detectron2's default_setup writes config.yaml and log.txt before the model is built and
-    the weights are checked; a run that then fails (a mismatching checkpoint, a missing file)
-    would otherwise leave another run's config.yaml replaced. `restore()` puts config.yaml
-    back, cuts log.txt back to its old length and removes a folder this run created.
+    detectron2's default_setup writes config.yaml and log.txt, and its writers create
+    metrics.json and a TensorBoard file, before the model is built and the weights are
+    checked; a run that then fails (a mismatching checkpoint, a broken annotation file) would
+    otherwise leave another run's config.yaml replaced. `restore()` puts config.yaml back,
+    cuts log.txt back to its old length, removes the files this run created and the folder
+    if this run created it.
     """
-
-    FILES = ("config.yaml", "log.txt")
 
     def __init__(self, output_dir):
         self.output_dir = output_dir
         self.existed = bool(output_dir) and os.path.isdir(output_dir)
+        self.names = set(os.listdir(output_dir)) if self.existed else set()
         self.saved = {}
-        for name in self.FILES if self.existed else ():
+        for name in ("config.yaml", "log.txt"):
             path = os.path.join(output_dir, name)
-            if os.path.isfile(path):
+            if name in self.names and os.path.isfile(path):
                 with open(path, "rb") as f:
                     self.saved[name] = f.read() if name == "config.yaml" else os.path.getsize(path)
 
-    def restore(self, files=FILES):
-        if not self.output_dir or not comm.is_main_process():
+    def restore(self, files=None):
+        """Everything as it was; or only `files` (names) put back."""
+        if not self.output_dir or not comm.is_main_process() or not os.path.isdir(self.output_dir):
             return
-        if not self.existed:
-            if os.path.isdir(self.output_dir) and set(os.listdir(self.output_dir)) <= set(self.FILES):
-                shutil.rmtree(self.output_dir, ignore_errors=True)
+        if not self.existed and files is None:
+            shutil.rmtree(self.output_dir, ignore_errors=True)
             return
-        for name in files:
+        for name in files or os.listdir(self.output_dir):
             path = os.path.join(self.output_dir, name)
             old = self.saved.get(name)
-            if old is None:
-                if os.path.isfile(path):
-                    os.remove(path)
-            elif isinstance(old, bytes):
+            if isinstance(old, bytes):
                 write_atomically({path: bytes_writer(old)})
-            elif os.path.isfile(path) and os.path.getsize(path) > old:
-                os.truncate(path, old)
+            elif isinstance(old, int):
+                if os.path.isfile(path) and os.path.getsize(path) > old:
+                    os.truncate(path, old)
+            elif name not in self.names and os.path.isfile(path):
+                os.remove(path)
 
 
 def setup(args):
