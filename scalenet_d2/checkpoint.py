@@ -180,7 +180,10 @@ def load_published_state_dict(path: str, allow_pickle: bool = False) -> Dict[str
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as e:
-        if "Weights only load failed" in str(e) and not allow_pickle:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        is_container = head.startswith(b"PK") or head[:1] == b"\x80"
+        if "Weights only load failed" in str(e) and not allow_pickle and is_container:
             first_line = str(e).strip().splitlines()[0]
             raise CheckpointMismatchError(
                 f"{path}: holds Python objects besides tensors, which are not unpickled by default ({first_line}); "
@@ -366,6 +369,11 @@ def describe_unreadable(path: str, error: Exception) -> str:
     with open(path, "rb") as f:
         head = f.read(4)
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # checked first: garbage fails weights_only too
+        return (
+            f"{path} ({size} bytes) is not a checkpoint: neither torch.save's zip format nor a pickle "
+            f"(it starts with {head!r})"
+        )
     if "Weights only load failed" in str(error):
         return (
             f"{path} holds Python objects besides tensors, which torch.load(weights_only=True) refuses to unpickle "
@@ -374,12 +382,7 @@ def describe_unreadable(path: str, error: Exception) -> str:
         )
     if head.startswith(b"PK"):  # torch.save's zip archive
         return f"{path} ({size} bytes) is a torch checkpoint that is truncated or corrupt: {first_line}"
-    if head[:1] == b"\x80":  # a pickle protocol marker
-        return f"{path} ({size} bytes) is a pickle that is truncated or corrupt: {first_line}"
-    return (
-        f"{path} ({size} bytes) is not a checkpoint: neither torch.save's zip format nor a pickle "
-        f"(it starts with {head!r}): {first_line}"
-    )
+    return f"{path} ({size} bytes) is a pickle that is truncated or corrupt: {first_line}"
 
 
 def first_non_finite(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
@@ -504,14 +507,15 @@ class ScaleNetCheckpointer(DetectionCheckpointer):
             return self._preloaded[1]
         try:
             loaded = super()._load_file(filename)
-        except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, AssertionError) as e:
+        except Exception as e:  # whatever torch.load or pickle raise on a file that is not what it should be
             if not os.path.isfile(filename):
                 raise
             raise CheckpointMismatchError(describe_unreadable(filename, e)) from None
-        if not isinstance(loaded, Mapping) or not isinstance(loaded.get("model"), Mapping):
+        found = loaded.get("model") if isinstance(loaded, Mapping) else loaded
+        if not isinstance(found, Mapping):
             raise CheckpointMismatchError(
                 f"{filename} is not a model checkpoint: expected a dict of tensors, or one under 'model'; got "
-                f"{type(loaded).__name__}"
+                f"{type(found).__name__}"
             )
         model = loaded["model"]
         if "state_dict" in model and isinstance(model["state_dict"], Mapping):  # {"state_dict": ...} as published
