@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling.backbone.resnet import ResNet
+from detectron2.utils import comm
 
 from .allocation import (
     BUNDLED_ALLOCATIONS,
@@ -456,9 +457,18 @@ class ScaleNetCheckpointer(DetectionCheckpointer):
 
     # ------------------------------------------------------------------ resuming
     def resume_or_load(self, path, *, resume=True):
+        if resume and self.save_dir and os.path.isdir(self.save_dir):
+            self._remove_interrupted_writes()
         if resume and self.has_checkpoint():
             return self.load(self.newest_intact_checkpoint())
         return self.load(path, checkpointables=[])
+
+    def _remove_interrupted_writes(self):
+        """Temporary files of writes a kill cut short (see `save`); never read, only in the way."""
+        for name in os.listdir(self.save_dir):
+            if re.fullmatch(r"\.(model_.+|last_checkpoint)\.[^.]+\.tmp(\.pth)?", name) and comm.is_main_process():
+                self.logger.info(f"Removing {name}, left by an interrupted write")
+                os.remove(os.path.join(self.save_dir, name))
 
     def resume_candidates(self) -> List[str]:
         """The run's checkpoints, newest first: the one `last_checkpoint` names, then
