@@ -26,6 +26,7 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -488,7 +489,7 @@ class ScaleNetCheckpointer(DetectionCheckpointer):
             try:
                 if not os.path.isfile(path):
                     raise CheckpointMismatchError(f"{path} does not exist")
-                checkpoint = self._load_file(path)
+                checkpoint = self._read(path)
                 bad = first_non_finite(checkpoint.get("model", {}))
                 if bad is not None:
                     raise CheckpointMismatchError(f"{path}: tensor {bad!r} holds nan or inf")
@@ -503,6 +504,17 @@ class ScaleNetCheckpointer(DetectionCheckpointer):
         raise CheckpointMismatchError(
             f"--resume: no intact checkpoint in {self.save_dir}: " + "; ".join(skipped or ["none found"])
         )
+
+    def _read(self, path):
+        """`_load_file` outside `load`: newer detectron2 reads the path's URL query there."""
+        parses_url = hasattr(self, "_parsed_url_during_load")
+        if parses_url:
+            self._parsed_url_during_load = urlparse(path)
+        try:
+            return self._load_file(path)
+        finally:
+            if parses_url:
+                self._parsed_url_during_load = None
 
     # ------------------------------------------------------------------ loading
     def load(self, path, *args, **kwargs):
