@@ -417,7 +417,15 @@ class Trainer(DefaultTrainer):
     # ------------------------------------------------------------------ divergence
     def _check_gradients(self, optimizer, args, kwargs):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads or bool(torch.stack([torch.linalg.vector_norm(g) for g in grads]).isfinite().all()):
+        if not grads:
+            return
+        # one fused pass and one host sync per step (the norm of a tensor with nan/inf is not finite)
+        norms = (
+            torch._foreach_norm(grads)
+            if hasattr(torch, "_foreach_norm")
+            else [torch.linalg.vector_norm(g) for g in grads]
+        )
+        if bool(torch.stack(norms).isfinite().all()):
             return
         names = {id(p): n for n, p in self._trainer.model.named_parameters()}
         bad = [
