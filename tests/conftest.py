@@ -1,3 +1,4 @@
+import hashlib
 import os
 from pathlib import Path
 
@@ -83,3 +84,13 @@ def build_detector_cfg(variant, allocation="scalenet_tiny"):
 def detector_cfg():
     """`build_detector_cfg`, for tests: detector_cfg("fpn", allocation=...)."""
     return build_detector_cfg
+
+
+def folder_snapshot(folder):
+    """relative path -> sha256 of every file under `folder`: to assert that nothing changed."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                found[os.path.relpath(os.path.join(root, name), folder)] = hashlib.sha256(f.read()).hexdigest()
+    return found

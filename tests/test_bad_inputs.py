@@ -8,13 +8,13 @@ and when no file in the folder changed (an existing output survives a failed run
 import hashlib
 import importlib.util
 import json
-import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import folder_snapshot
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
@@ -392,28 +392,19 @@ def _(ws, detector_cfg):
     return lambda: tool.parse_args([str(ws), "--image-size", "0"]), ["--image-size 0: expected a positive integer"]
 
 
-def _snapshot(folder):
-    found = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                found[os.path.relpath(os.path.join(root, name), folder)] = hashlib.sha256(f.read()).hexdigest()
-    return found
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_named_with_what_was_expected(name, tmp_path, detector_cfg, capsys):
     ws = tmp_path / "ws"
     ws.mkdir()
     action, expected = CASES[name](ws, detector_cfg)
-    before = _snapshot(ws)
+    before = folder_snapshot(ws)
     with pytest.raises((Exception, SystemExit)) as info:
         action()
     message = str(info.value) + capsys.readouterr().err
     for fragment in expected:
         assert fragment in message, f"{name}: {fragment!r} not in {message!r}"
     assert "Traceback" not in message
-    assert _snapshot(ws) == before, f"{name}: files changed"
+    assert folder_snapshot(ws) == before, f"{name}: files changed"
 
 
 def test_partial_loads_are_allowed_when_asked(tmp_path, detector_cfg, caplog):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import folder_snapshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/Synthetic/faster_rcnn_Stiny_FPN.yaml"
@@ -280,7 +281,7 @@ def test_divergence_stops_before_a_non_finite_step_or_checkpoint(env, tmp_path):
 def test_resume_with_another_allocation_is_refused_and_changes_nothing(trained, env, tmp_path):
     out = str(tmp_path / "run")
     shutil.copytree(trained[0], out)
-    before = _snapshot(out)
+    before = folder_snapshot(out)
     rc, log = train_net(
         env, "--config-file", CONFIG, "--resume", *TINY, "MODEL.SCALENET.ALLOCATION", "scalenet50_light",
         "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", out,
@@ -289,15 +290,4 @@ def test_resume_with_another_allocation_is_refused_and_changes_nothing(trained, 
     assert f"{out}/model_final.pth does not fit the model's backbone: " in log
     assert re.search(r"first 'backbone\.bottom_up\.\S+': shape \(\d+(, \d+)*\) in the checkpoint, \(\d+", log)
     assert "MODEL.SCALENET.ALLOW_PARTIAL_WEIGHTS" in log
-    assert _snapshot(out) == before  # config.yaml and log.txt as they were
-
-
-def _snapshot(folder):
-    import hashlib
-
-    found = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                found[os.path.relpath(os.path.join(root, name), folder)] = hashlib.sha256(f.read()).hexdigest()
-    return found
+    assert folder_snapshot(out) == before  # config.yaml and log.txt as they were
