@@ -182,10 +182,7 @@ def load_published_state_dict(path: str, allow_pickle: bool = False) -> Dict[str
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as e:
-        with open(path, "rb") as f:
-            head = f.read(4)
-        is_container = head.startswith(b"PK") or head[:1] == b"\x80"
-        if "Weights only load failed" in str(e) and not allow_pickle and is_container:
+        if "Weights only load failed" in str(e) and not allow_pickle and _is_torch_or_pickle(path):
             first_line = str(e).strip().splitlines()[0]
             raise CheckpointMismatchError(
                 f"{path}: holds Python objects besides tensors, which are not unpickled by default ({first_line}); "
@@ -363,6 +360,13 @@ TORCHVISION_COMMAND = "python <detectron2>/tools/convert-torchvision-to-d2.py {p
 _CLASSIFIER_KEY = re.compile(r"(^|\.)fc\d*(\.|_)[a-z]+$|num_batches_tracked$")
 
 
+def _is_torch_or_pickle(path: str) -> bool:
+    """Whether the file starts as torch.save's zip archive or a pickle (protocol marker)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head.startswith(b"PK") or head[:1] == b"\x80"
+
+
 def describe_unreadable(path: str, error: Exception) -> str:
     """What a file that torch.load/pickle.load could not read is, in words that say what to fix."""
     size = os.path.getsize(path) if os.path.isfile(path) else None
@@ -371,7 +375,7 @@ def describe_unreadable(path: str, error: Exception) -> str:
     with open(path, "rb") as f:
         head = f.read(4)
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # checked first: garbage fails weights_only too
+    if not _is_torch_or_pickle(path):  # checked first: garbage fails weights_only too
         return (
             f"{path} ({size} bytes) is not a checkpoint: neither torch.save's zip format nor a pickle "
             f"(it starts with {head!r})"
@@ -466,8 +470,10 @@ class ScaleNetCheckpointer(DetectionCheckpointer):
 
     def _remove_interrupted_writes(self):
         """Temporary files of writes a kill cut short (see `save`); never read, only in the way."""
+        if not comm.is_main_process():
+            return
         for name in os.listdir(self.save_dir):
-            if re.fullmatch(r"\.(model_.+|last_checkpoint)\.[^.]+\.tmp(\.pth)?", name) and comm.is_main_process():
+            if re.fullmatch(r"\.(model_.+|last_checkpoint)\.[^.]+\.tmp(\.pth)?", name):
                 self.logger.info(f"Removing {name}, left by an interrupted write")
                 os.remove(os.path.join(self.save_dir, name))
 

@@ -25,7 +25,7 @@ from .checkpoint import ScaleNetCheckpointer
 from .config import add_scalenet_config
 from .cpu_launch import launch_any
 from .data import check_datasets, explain_dataset_failure  # importing it registers the synthetic splits
-from .data.resumable import build_resumable_train_loader, start_iterating
+from .data.resumable import build_resumable_train_loader, start_iterating, stream_loader
 from .evaluation import build_coco_evaluator
 
 __all__ = [
@@ -328,15 +328,12 @@ class Trainer(DefaultTrainer):
         self.inference = (None, 0)  # (seconds per image, images timed) of the last evaluation
         self._restored = {}
         super().__init__(cfg)
-        self._data_seed = getattr(self._trainer.data_loader, "stream_seed", None)
         self._trainer.optimizer.register_step_pre_hook(self._check_gradients)
 
     @classmethod
-    def build_train_loader(cls, cfg, seed=None, start_iter=0):
-        seed = seed if seed is not None else (cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed())
-        loader = build_resumable_train_loader(cfg, seed, start_iter)
-        loader.stream_seed = seed  # saved in checkpoints: a resumed run rebuilds the same stream
-        return loader
+    def build_train_loader(cls, cfg):
+        seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+        return build_resumable_train_loader(cfg, seed)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -371,7 +368,9 @@ class Trainer(DefaultTrainer):
         state = super().state_dict()
         state.setdefault("_trainer", self._trainer.state_dict())  # older detectron2 leaves the optimizer out
         state["rng"] = _rng_state()
-        state["data"] = {"seed": self._data_seed}
+        stream = getattr(self._trainer.data_loader, "stream", None)
+        if stream is not None:  # a resumed run rebuilds the same stream, also with a random SEED
+            state["data"] = {"seed": stream.seed}
         storage = getattr(self, "storage", None)
         if storage is not None:  # the recent scalars, so the smoothed values logged after a resume are the same
             state["metrics"] = {
@@ -393,11 +392,11 @@ class Trainer(DefaultTrainer):
         for writer in (w for h in self._hooks if isinstance(h, hooks.PeriodicWriter) for w in h._writers):
             if isinstance(writer, MetricsWriter):
                 writer.drop_from(self.start_iter)
-        self._data_seed = self._restored.get("data", {}).get("seed", self._data_seed)
-        if self._data_seed is None:  # a sampler other than TrainingSampler: detectron2's own loader
-            return
-        loader = self.build_train_loader(self.cfg, seed=self._data_seed, start_iter=self.start_iter)
-        self._trainer.data_loader = loader
+        stream = getattr(self._trainer.data_loader, "stream", None)
+        if stream is not None:  # else a sampler other than TrainingSampler: detectron2's own loader
+            stream = stream.with_seed(self._restored.get("data", {}).get("seed", stream.seed))
+            self._trainer.data_loader = stream_loader(self.cfg, stream, self.start_iter)
+        loader = self._trainer.data_loader
         # started now, before the RNGs are restored: starting draws a seed from torch's RNG
         if hasattr(self._trainer, "_data_loader_iter_obj"):
             self._trainer._data_loader_iter_obj = start_iterating(loader)

@@ -21,6 +21,7 @@ silently skipped image would change the recipe.
 """
 
 import contextlib
+import copy
 import logging
 import random
 from typing import List, Sequence, Tuple
@@ -32,7 +33,14 @@ from detectron2.data.common import AspectRatioGroupedDataset, DatasetFromList
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["DatasetError", "TrainStream", "StreamSampler", "build_resumable_train_loader", "start_iterating"]
+__all__ = [
+    "DatasetError",
+    "TrainStream",
+    "StreamSampler",
+    "build_resumable_train_loader",
+    "stream_loader",
+    "start_iterating",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +80,12 @@ class TrainStream(Dataset):
 
     def __len__(self):
         return len(self.dicts)
+
+    def with_seed(self, seed: int) -> "TrainStream":
+        """The same images and mapper, another seed."""
+        other = copy.copy(self)
+        other.seed, other._epoch, other._order = int(seed), None, None
+        return other
 
     def index(self, position: int) -> int:
         epoch, offset = divmod(position, len(self.dicts))
@@ -155,18 +169,25 @@ def build_resumable_train_loader(cfg, seed: int, start_iter: int = 0, mapper=Non
         from . import explain_dataset_failure  # the package imports this module
 
         raise explain_dataset_failure(cfg.DATASETS.TRAIN, e) from e
-    stream = TrainStream(args["dataset"], args["mapper"], seed, cfg.DATASETS.TRAIN)
+    return stream_loader(cfg, TrainStream(args["dataset"], args["mapper"], seed, cfg.DATASETS.TRAIN), start_iter)
+
+
+def stream_loader(cfg, stream: TrainStream, start_iter: int = 0):
+    """detectron2's batched loader over `stream` from iteration `start_iter`, for this rank.
+    The loader keeps the stream (`loader.stream`): a resumed run reuses its dataset instead
+    of loading the annotations again."""
     world, rank = comm.get_world_size(), comm.get_rank()
-    first, start = stream.resume_point(
-        start_iter, args["total_batch_size"] // world, rank, world, args["aspect_ratio_grouping"]
-    )
-    return build_batch_data_loader(
+    batch, grouping = cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.ASPECT_RATIO_GROUPING
+    first, start = stream.resume_point(start_iter, batch // world, rank, world, grouping)
+    loader = build_batch_data_loader(
         stream,
         StreamSampler(first, start, world),
-        args["total_batch_size"],
-        aspect_ratio_grouping=args["aspect_ratio_grouping"],
-        num_workers=args["num_workers"],
+        batch,
+        aspect_ratio_grouping=grouping,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
     )
+    loader.stream = stream
+    return loader
 
 
 def start_iterating(loader):
