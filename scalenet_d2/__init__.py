@@ -24,7 +24,7 @@ from .checkpoint import (
     infer_allocation,
 )
 from .config import add_scalenet_config
-from .resnet_twin import build_resnet_twin_fpn_backbone
+from .resnet_twin import build_resnet_twin_fpn_backbone, resnet_twin
 from .scalenet import (
     SABottleneck,
     ScaleNet,
@@ -48,6 +48,7 @@ __all__ = [
     "build_scalenet_fpn_backbone",
     "build_retinanet_scalenet_fpn_backbone",
     "build_resnet_twin_fpn_backbone",
+    "resnet_twin",
     "ScaleNetCheckpointer",
     "CheckpointMismatchError",
     "EXPECTED_INPUT",
