@@ -13,7 +13,7 @@ setup(
     # detectron2 is deliberately absent: it is not on PyPI, GPU users build it from source
     # for their CUDA, and tools/setup_env.sh installs a CPU fallback only where none exists.
     install_requires=[
-        "torch>=2.3",  # torch.amp.GradScaler("cuda"), torch.device as a context manager (meta builds)
+        "torch>=2.6",  # torch.library.custom_op and torch.compiler.is_exporting (exporting, scalenet.py)
         "torchvision>=0.18",
         "fvcore>=0.1.5",
         "pycocotools>=2.0.2",
@@ -24,6 +24,7 @@ setup(
         "matplotlib>=3.3",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout", "ruff==0.17.6"],
+        # onnx, onnxruntime: the ONNX export and its check against eager (tests/test_export.py)
+        "dev": ["pytest>=7", "pytest-timeout", "ruff==0.17.6", "onnx", "onnxruntime"],
     },
 )

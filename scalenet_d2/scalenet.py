@@ -14,10 +14,10 @@ converted ImageNet checkpoint is a renaming only (see checkpoint.py).
 
 Small inputs. The published network fails when a feature map is smaller than a pooling
 factor: a scale-s branch on a map with H < s or W < s, or a 1-pixel map entering a
-stride-2 block, pools to size 0. Here the pooling kernel and stride are clamped, per
-dimension, to that dimension's size: such a dimension pools to size 1, i.e. to the
-maximum over the whole dimension, and is then resized back like any other pooled map.
-Whenever the published network runs, nothing is clamped and the result is identical.
+stride-2 block, pools to size 0. Here such a dimension is padded with -inf up to the
+factor (as if the kernel were clamped to the dimension's size): it pools to size 1, i.e.
+to the maximum over the whole dimension, and is then resized back like any other pooled
+map. Whenever the published network runs, nothing is padded and the result is identical.
 """
 
 import functools
@@ -93,12 +93,16 @@ def make_norm(norm, channels: int) -> nn.Module:
 def max_pool_clamped(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Max-pool with kernel = stride = `factor`, no padding (floor), as the published network.
 
-    Along a dimension smaller than `factor` the kernel and stride are that dimension's size,
-    so it pools to 1 instead of 0 (where the published network fails). See module docstring.
-    Scripted when traced, so that a traced model keeps the clamp for every input size.
+    A dimension shorter than `factor` is first padded with -inf up to it, so that it pools to
+    one value, its maximum, instead of to nothing (where the published network fails; see
+    module docstring). Scripted when traced, so that a traced model pads for every input size.
     """
-    kernel = [min(factor, x.shape[-2]), min(factor, x.shape[-1])]
-    return F.max_pool2d(x, kernel_size=kernel, stride=kernel)
+    if not torch.jit.is_scripting() and _exporting():
+        return _exported_max_pool_clamped(x, factor)
+    pad_h, pad_w = max(factor - x.shape[-2], 0), max(factor - x.shape[-1], 0)
+    if pad_h > 0 or pad_w > 0:
+        x = F.pad(x, [0, pad_w, 0, pad_h], value=float("-inf"))
+    return F.max_pool2d(x, kernel_size=factor, stride=factor)
 
 
 @torch.jit.script_if_tracing
@@ -110,6 +114,48 @@ def resize_like(pooled: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     if height % pooled.shape[-2] == 0 and width % pooled.shape[-1] == 0:
         return F.interpolate(pooled, size=[height, width], mode="nearest")
     return F.interpolate(pooled, size=[height, width], mode="bilinear", align_corners=False)
+
+
+# torch.export: the shape-dependent steps are operators whose output shape (register_fake) is
+# plain arithmetic on the input's, so that an exported program keeps the choices above for
+# every input size instead of freezing those of the example input. A pooled branch is one
+# operator (pool, conv, resize back): its pooled map, often 1x1, stays inside it, where the
+# export cannot freeze that map's memory layout either.
+@torch.library.custom_op("scalenet_d2::max_pool_clamped", mutates_args=())
+def _max_pool_clamped_op(x: torch.Tensor, factor: int) -> torch.Tensor:
+    return max_pool_clamped(x, factor)
+
+
+@_max_pool_clamped_op.register_fake
+def _(x, factor):
+    height, width = x.shape[-2], x.shape[-1]
+    return x.new_empty((x.shape[0], x.shape[1], torch.sym_max(1, height // factor), torch.sym_max(1, width // factor)))
+
+
+@torch.library.custom_op("scalenet_d2::pooled_branch", mutates_args=())
+def _pooled_branch_op(y: torch.Tensor, weight: torch.Tensor, scale: int) -> torch.Tensor:
+    pooled = max_pool_clamped(y, scale)
+    return resize_like(F.conv2d(pooled, weight, padding=weight.shape[-1] // 2), y)
+
+
+@_pooled_branch_op.register_fake
+def _(y, weight, scale):
+    return y.new_empty((y.shape[0], weight.shape[0], y.shape[-2], y.shape[-1]))
+
+
+@torch.jit.unused
+def _exporting() -> bool:
+    return torch.compiler.is_exporting()
+
+
+@torch.jit.unused
+def _exported_max_pool_clamped(x: torch.Tensor, factor: int) -> torch.Tensor:
+    return torch.ops.scalenet_d2.max_pool_clamped(x, factor)
+
+
+@torch.jit.unused
+def _exported_pooled_branch(y: torch.Tensor, weight: torch.Tensor, scale: int) -> torch.Tensor:
+    return torch.ops.scalenet_d2.pooled_branch(y, weight, scale)
 
 
 class SABottleneck(CNNBlockBase):
@@ -197,9 +243,12 @@ class SABottleneck(CNNBlockBase):
         branches: List[torch.Tensor] = []
         for scale, conv, norm in zip(self.scales, self.conv2.values(), self.bn2.values()):
             if scale == 1:
-                branches.append(norm(conv(y)))
+                z = conv(y)
+            elif not torch.jit.is_scripting() and _exporting():
+                z = _exported_pooled_branch(y, conv.weight, scale)  # the line below, as one operator
             else:
-                branches.append(norm(resize_like(conv(max_pool_clamped(y, scale)), y)))  # norm after resize
+                z = resize_like(conv(max_pool_clamped(y, scale)), y)
+            branches.append(norm(z))  # norm after resize
         return F.relu_(torch.cat(branches, dim=1))
 
     def extra_repr(self) -> str:
