@@ -7,20 +7,33 @@
 It generates the synthetic shapes once (cached, see scalenet_d2/data/synthetic.py), then
 trains and evaluates a tiny ScaleNet-FPN and its ResNet twin from scratch with train_net.py,
 one after the other, showing detectron2's progress lines (iteration, losses, ETA), and ends
-with tools/compare.py's table, also written to OUTPUT/comparison.md.
+with tools/compare.py's table (also OUTPUT/comparison.md) and pictures, named at the end:
+OUTPUT/loss_curves.png (both runs' training loss), OUTPUT/ap_comparison.png and
+OUTPUT/detections.png (validation images: ground truth and both models' detections).
+OUTPUT is output/demo (output/demo_quick with --quick), or output/demo-2, -3, ... when that
+exists: a run never replaces another's results.
 """
 
 import argparse
 import collections
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 
+from scalenet_d2.atomic import bytes_writer, write_atomically
 from scalenet_d2.comparison import render
 from scalenet_d2.data.synthetic import ensure_split
+from scalenet_d2.pictures import (
+    draw_ground_truth,
+    draw_predictions,
+    load_predictor,
+    plot_ap_comparison,
+    plot_loss_curves,
+    read_rgb,
+    side_by_side,
+)
 from scalenet_d2.run_record import load_run
 
 # train_net.py and the configs sit beside tools/ in the project's checkout
@@ -47,10 +60,36 @@ SHOW = re.compile(r"eta: |Starting training|Overall training speed|Total inferen
 BOX_TABLE = "Evaluation results for bbox"  # shown with the 3 lines of its table
 
 
+def fresh_output_dir(base):
+    """`base`, or base-2, base-3, ... : the first that does not exist."""
+    candidate, n = base, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+def make_pictures(out_dir, run_dirs, names, runs, split, images=4):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    loss = plot_loss_curves(run_dirs, names, os.path.join(out_dir, "loss_curves.png"))
+    ap = plot_ap_comparison(runs, names, os.path.join(out_dir, "ap_comparison.png"))
+    predictors = [
+        load_predictor(os.path.join(d, "config.yaml"), os.path.join(d, "model_final.pth"), ["MODEL.DEVICE", "cpu"])
+        for d in run_dirs
+    ]
+    metadata = MetadataCatalog.get(split)
+    rows = []
+    for record in DatasetCatalog.get(split)[:images]:
+        image = read_rgb(record["file_name"])
+        rows.append([draw_ground_truth(record, metadata)] + [draw_predictions(p, image) for p in predictors])
+    titles = ["ground truth"] + [f"{name} (score >= 0.5)" for name in names]
+    detections = side_by_side(rows, titles, os.path.join(out_dir, "detections.png"))
+    return loss, ap, detections
+
+
 def run_one(name, config, out_dir, extra_opts, env):
     run_dir = os.path.join(out_dir, name)
-    if os.path.isdir(run_dir):  # a fresh run: detectron2 would append to old metrics
-        shutil.rmtree(run_dir)
     os.makedirs(run_dir)
     cmd = [
         sys.executable,
@@ -87,7 +126,9 @@ def run_one(name, config, out_dir, extra_opts, env):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", help="default: output/demo, or output/demo_quick with --quick")
+    parser.add_argument(
+        "--output-dir", help="a new folder (default: output/demo, or output/demo_quick with --quick, or -2, -3, ...)"
+    )
     parser.add_argument("--quick", action="store_true", help="a few iterations on the tiny split (smoke test)")
     parser.add_argument(
         "--threads",
@@ -98,8 +139,13 @@ def main(argv=None):
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides passed to both runs")
     args = parser.parse_args(argv)
+    if args.output_dir and os.path.exists(args.output_dir):
+        parser.error(f"--output-dir {args.output_dir} exists: a run never replaces another's results")
     # a smoke run never replaces the results of a full one
-    args.output_dir = args.output_dir or os.path.join(REPO_ROOT, "output", "demo_quick" if args.quick else "demo")
+    args.output_dir = args.output_dir or fresh_output_dir(
+        os.path.join(REPO_ROOT, "output", "demo_quick" if args.quick else "demo")
+    )
+    print(f"output: {args.output_dir}", flush=True)
 
     start = time.time()
     splits = (
@@ -120,9 +166,11 @@ def main(argv=None):
     runs, names = [load_run(d) for d in run_dirs], [n for n, _ in RUNS]
     print(render(runs, names))
     md = render(runs, names, markdown=True)
-    with open(os.path.join(args.output_dir, "comparison.md"), "w") as f:
-        f.write(md + "\n")
+    write_atomically({os.path.join(args.output_dir, "comparison.md"): bytes_writer((md + "\n").encode("utf-8"))})
     print(f"\n(Markdown version: {os.path.join(args.output_dir, 'comparison.md')})")
+    print("\nPictures:")
+    for path in make_pictures(args.output_dir, run_dirs, names, runs, splits[1]):
+        print(f"  {path}")
 
 
 if __name__ == "__main__":
