@@ -21,12 +21,12 @@ map. Whenever the published network runs, nothing is padded and the result is id
 """
 
 import functools
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
-from detectron2.layers import CNNBlockBase, ShapeSpec, get_norm
+from detectron2.layers import CNNBlockBase, FrozenBatchNorm2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone import FPN
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
@@ -44,6 +44,9 @@ __all__ = [
     "ScaleNetGroupNorm",
     "max_pool_clamped",
     "resize_like",
+    "relu_resize_like",
+    "fold_norm",
+    "set_norm_folding",
     "build_scalenet_backbone",
     "build_scalenet_fpn_backbone",
     "build_retinanet_scalenet_fpn_backbone",
@@ -116,6 +119,33 @@ def resize_like(pooled: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return F.interpolate(pooled, size=[height, width], mode="bilinear", align_corners=False)
 
 
+@torch.jit.script_if_tracing
+def relu_resize_like(pooled: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """relu(resize_like(pooled, reference)), with the ReLU at the pooled resolution where the
+    resize is nearest (a replication, with which it commutes; bilinear mixes values, so there
+    the ReLU comes after)."""
+    height, width = reference.shape[-2], reference.shape[-1]
+    if height % pooled.shape[-2] == 0 and width % pooled.shape[-1] == 0:
+        return F.interpolate(F.relu(pooled), size=[height, width], mode="nearest")
+    return F.relu(F.interpolate(pooled, size=[height, width], mode="bilinear", align_corners=False))
+
+
+def fold_norm(conv: nn.Conv2d, norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of one conv computing norm(conv(x)), for a norm with frozen statistics
+    (FrozenBatchNorm2d, or BatchNorm2d in eval mode): a per-channel affine map."""
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    shift = -norm.running_mean * scale
+    if norm.weight is not None:
+        scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
+    return conv.weight * scale.reshape(-1, 1, 1, 1), shift
+
+
+def frozen_statistics(norm: nn.Module) -> bool:
+    return isinstance(norm, FrozenBatchNorm2d) or (
+        isinstance(norm, nn.modules.batchnorm._BatchNorm) and not norm.training and norm.track_running_stats
+    )
+
+
 # torch.export: the shape-dependent steps are operators whose output shape (register_fake) is
 # plain arithmetic on the input's, so that an exported program keeps the choices above for
 # every input size instead of freezing those of the example input. A pooled branch is one
@@ -133,13 +163,15 @@ def _(x, factor):
 
 
 @torch.library.custom_op("scalenet_d2::pooled_branch", mutates_args=())
-def _pooled_branch_op(y: torch.Tensor, weight: torch.Tensor, scale: int) -> torch.Tensor:
-    pooled = max_pool_clamped(y, scale)
-    return resize_like(F.conv2d(pooled, weight, padding=weight.shape[-1] // 2), y)
+def _pooled_branch_op(
+    y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: int, relu: bool
+) -> torch.Tensor:
+    pooled = F.conv2d(max_pool_clamped(y, scale), weight, bias, padding=weight.shape[-1] // 2)
+    return relu_resize_like(pooled, y) if relu else resize_like(pooled, y)
 
 
 @_pooled_branch_op.register_fake
-def _(y, weight, scale):
+def _(y, weight, bias, scale, relu):
     return y.new_empty((y.shape[0], weight.shape[0], y.shape[-2], y.shape[-1]))
 
 
@@ -154,8 +186,10 @@ def _exported_max_pool_clamped(x: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 @torch.jit.unused
-def _exported_pooled_branch(y: torch.Tensor, weight: torch.Tensor, scale: int) -> torch.Tensor:
-    return torch.ops.scalenet_d2.pooled_branch(y, weight, scale)
+def _exported_pooled_branch(
+    y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: int, relu: bool
+) -> torch.Tensor:
+    return torch.ops.scalenet_d2.pooled_branch(y, weight, bias, scale, relu)
 
 
 class SABottleneck(CNNBlockBase):
@@ -202,6 +236,7 @@ class SABottleneck(CNNBlockBase):
             raise ValueError(f"widths {tuple(widths)}: expected 4 non-negative integers (c1, c2, c4, c7), not all 0")
         self.widths = tuple(int(w) for w in widths)
         self.side = side
+        self.fold_norms = True  # forward_folded where exact; set_norm_folding(model, False) to compare
 
         self.conv1 = nn.Conv2d(in_channels, bottleneck_channels, kernel_size=1, bias=False)
         self.bn1 = make_norm(norm, bottleneck_channels)
@@ -229,6 +264,8 @@ class SABottleneck(CNNBlockBase):
                 weight_init.c2_msra_fill(module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self.fold_norms and not self.training and self._norms_frozen():
+            return self.forward_folded(x)
         if self.stride == 2:
             x = max_pool_clamped(x, 2)  # the block's only downsampling: both paths see it
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -245,14 +282,52 @@ class SABottleneck(CNNBlockBase):
             if scale == 1:
                 z = conv(y)
             elif not torch.jit.is_scripting() and _exporting():
-                z = _exported_pooled_branch(y, conv.weight, scale)  # the line below, as one operator
+                z = _exported_pooled_branch(y, conv.weight, None, scale, False)  # the line below, as one operator
             else:
                 z = resize_like(conv(max_pool_clamped(y, scale)), y)
             branches.append(norm(z))  # norm after resize
         return F.relu_(torch.cat(branches, dim=1))
 
+    @torch.jit.unused
+    def _norms_frozen(self) -> bool:
+        norms = [self.bn1, self.bn3, *self.bn2.values()] + ([] if self.downsample is None else [self.downsample[1]])
+        return all(frozen_statistics(norm) for norm in norms)
+
+    @torch.jit.unused
+    def forward_folded(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` (up to float rounding) where every norm has frozen statistics, in fewer
+        passes over memory: each norm folded into its conv (a branch's norm too: a per-channel
+        affine map commutes with nearest and with bilinear resizing, whose weights sum to 1),
+        and a nearest branch's ReLU at its pooled resolution. The default in eval mode with
+        FrozenBN or eval BN (detectron2's predictor, exports); weights and checkpoints unchanged."""
+        if self.stride == 2:
+            x = max_pool_clamped(x, 2)
+        shortcut = x if self.downsample is None else F.conv2d(x, *fold_norm(self.downsample[0], self.downsample[1]))
+        y = F.relu(F.conv2d(x, *fold_norm(self.conv1, self.bn1)))
+        branches = []
+        for scale, conv, norm in zip(self.scales, self.conv2.values(), self.bn2.values()):
+            weight, bias = fold_norm(conv, norm)
+            if scale == 1:
+                branches.append(F.relu(F.conv2d(y, weight, bias, padding=conv.padding)))
+            elif _exporting():
+                branches.append(_exported_pooled_branch(y, weight, bias, scale, True))
+            else:
+                pooled = F.conv2d(max_pool_clamped(y, scale), weight, bias, padding=conv.padding)
+                branches.append(relu_resize_like(pooled, y))
+        out = F.conv2d(torch.cat(branches, dim=1), *fold_norm(self.conv3, self.bn3))
+        return F.relu_(out + shortcut)
+
     def extra_repr(self) -> str:
         return f"widths={self.widths}, side={self.side}, stride={self.stride}"
+
+
+def set_norm_folding(model: nn.Module, enabled: bool) -> nn.Module:
+    """Whether the SA blocks of `model` use `SABottleneck.forward_folded` where it is exact (the
+    default) or always the plain forward (to compare the two, or to time the plain one)."""
+    for module in model.modules():
+        if isinstance(module, SABottleneck):
+            module.fold_norms = enabled
+    return model
 
 
 def make_scalenet_stages(allocation: Allocation, norm) -> List[List[SABottleneck]]:

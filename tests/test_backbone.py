@@ -23,7 +23,7 @@ from scalenet_d2 import (
     load_allocation,
 )
 from scalenet_d2.checkpoint import published_key_shapes, to_d2_key
-from scalenet_d2.scalenet import max_pool_clamped
+from scalenet_d2.scalenet import max_pool_clamped, set_norm_folding
 
 STAGES = ["res2", "res3", "res4", "res5"]
 
@@ -91,13 +91,17 @@ def test_equals_the_published_network(name, tmp_path):
     for height, width in EXACTNESS_SIZES[name]:
         x = images(height, width)
         with torch.no_grad():
-            expected, ours = reference(x), backbone(x)
-        assert list(ours) == STAGES
+            expected = reference(x)
+            plain, folded = set_norm_folding(backbone, False)(x), set_norm_folding(backbone, True)(x)
+        assert list(plain) == list(folded) == STAGES
         for stage in STAGES:
             torch.testing.assert_close(
-                ours[stage], expected[stage], rtol=1e-5, atol=1e-5, msg=f"{stage} at {height}x{width}"
+                plain[stage], expected[stage], rtol=1e-5, atol=1e-5, msg=f"{stage} at {height}x{width}"
             )
-            assert ours[stage].shape[1] == backbone.output_shape()[stage].channels
+            assert plain[stage].shape[1] == backbone.output_shape()[stage].channels
+            # the fast eval path (norms folded into the convs), the default: float rounding apart
+            error = (folded[stage] - expected[stage]).abs().max() / expected[stage].abs().max()
+            assert error <= 1e-4, f"folded {stage} at {height}x{width}: relative error {error:.2e}"
 
     # trainable parameters (trainable BN, nothing frozen) = the published model's minus fc
     published = sum(p.numel() for p in reference.parameters()) - reference.fc.weight.numel() - reference.fc.bias.numel()
@@ -327,10 +331,11 @@ def test_the_block_scripts_and_matches_eager(size):
     block = SABottleneck(
         16, 32, bottleneck_channels=8, widths=(4, 0, 2, 2), side=28, stride=2, shortcut_conv=True, norm="BN"
     ).eval()
-    scripted = torch.jit.script(block)
+    scripted = torch.jit.script(block)  # scripts the plain forward (forward_folded is Python only)
     x = torch.randn(2, 16, *size)
     with torch.no_grad():
-        torch.testing.assert_close(scripted(x), block(x), rtol=0, atol=0)
+        torch.testing.assert_close(scripted(x), set_norm_folding(block, False)(x), rtol=0, atol=0)
+        torch.testing.assert_close(scripted(x), set_norm_folding(block, True)(x), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- FREEZE_AT and NORM

@@ -17,6 +17,7 @@ after detectron2 pads it to a multiple of 32.
 """
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -52,21 +53,31 @@ def config_model(config_file, opts=()):
     return build_model(cfg).eval()
 
 
-def time_backbones(models, size, rounds):
-    """Median seconds of one forward of each model's bottom-up backbone at batch 1.
+def speed_variants(model):
+    """(label, body, memory format) of each way to time a model's bottom-up backbone: "shipped"
+    as users run it by default (ScaleNet: norms folded in eval), "plain" (ScaleNet: its plain
+    forward), and "channels_last" (a copy in that memory format, input too)."""
+    from scalenet_d2.scalenet import ScaleNet, set_norm_folding
 
-    The backbones run in interleaved rounds within one process, so that a change of load on
-    the machine affects all of them alike; the first config is the reference of the ratios.
-    """
-    bodies = [getattr(m.backbone, "bottom_up", m.backbone) for m in models]
-    device = next(bodies[0].parameters()).device
-    x = torch.randn(1, 3, *size, device=device)
+    body = getattr(model.backbone, "bottom_up", model.backbone)
+    variants = [("shipped", body, torch.contiguous_format)]
+    if isinstance(body, ScaleNet):
+        variants.append(("plain", set_norm_folding(copy.deepcopy(body), False), torch.contiguous_format))
+    variants.append(("channels_last", copy.deepcopy(body).to(memory_format=torch.channels_last), torch.channels_last))
+    return variants
+
+
+def time_bodies(bodies, size, rounds):
+    """Seconds of each forward of each (label, body, memory format) at batch 1: in interleaved
+    rounds within one process, so that a change of load on the machine affects all alike."""
+    device = next(bodies[0][1].parameters()).device
+    inputs = [torch.randn(1, 3, *size, device=device).to(memory_format=fmt) for _, _, fmt in bodies]
     seconds = [[] for _ in bodies]
     with torch.no_grad():
-        for body in bodies:  # warm-up: allocator, cuDNN autotuning
+        for (_, body, _), x in zip(bodies, inputs):  # warm-up: allocator, cuDNN autotuning
             body(x)
         for _ in range(rounds):
-            for body, times in zip(bodies, seconds):
+            for (_, body, _), x, times in zip(bodies, inputs, seconds):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
@@ -74,7 +85,7 @@ def time_backbones(models, size, rounds):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in seconds]
+    return seconds
 
 
 def main(argv=None):
@@ -86,16 +97,18 @@ def main(argv=None):
         "--speed",
         type=parse_size,
         metavar="HxW",
-        help="also time each backbone's forward at this input, as a ratio to the first config",
+        help="also time each backbone's forward at this input (shipped, plain, channels_last), "
+        "as a ratio to the first config's shipped run",
     )
     parser.add_argument("--rounds", type=int, default=10, help="timed forwards per backbone for --speed")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1, as MODEL_ZOO.md's CPU figures)")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides for every config")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     size_names = [f"{h}x{w}" for h, w in args.sizes]
     header = ["config", "backbone params (M)"] + [f"backbone GFLOPs @{s}" for s in size_names] + ["model params (M)"]
-    if args.speed:
-        header += [f"backbone s @{args.speed[0]}x{args.speed[1]}", "time / first config's"]
     rows, models = [], []
     for config in args.configs:
         model = config_model(config, args.opts)
@@ -109,15 +122,38 @@ def main(argv=None):
         print(" ".join(rows[-1]), file=sys.stderr, flush=True)  # progress: big models take a while
         if args.speed:
             models.append(model)
-    if args.speed:
-        seconds = time_backbones(models, args.speed, args.rounds)
-        for row, sec in zip(rows, seconds):
-            row += [f"{sec:.4f}", f"{sec / seconds[0]:.2f}"]
     print("\n".join(format_table(header, rows, args.markdown)))
-    note = f"measured by tools/benchmark.py on {machine_description()}"
+    print(f"\nmeasured by tools/benchmark.py on {machine_description()}")
     if args.speed:
-        note += f"; speed: median of {args.rounds} interleaved forwards at batch 1, eval mode, {models[0].device}"
-    print(f"\n{note}")
+        print_speed(args, models)
+
+
+def print_speed(args, models):
+    bodies, labels = [], []
+    for config, model in zip(args.configs, models):
+        for label, body, fmt in speed_variants(model):
+            bodies.append((label, body, fmt))
+            labels.append((os.path.relpath(config), label))
+    seconds = time_bodies(bodies, args.speed, args.rounds)
+    reference = statistics.median(seconds[0])
+    header = ["config", "backbone run", "median s", "min-max s", "median / first config shipped"]
+    rows = [
+        [
+            config,
+            label,
+            f"{statistics.median(t):.4f}",
+            f"{min(t):.4f}-{max(t):.4f}",
+            f"{statistics.median(t) / reference:.3f}",
+        ]
+        for (config, label), t in zip(labels, seconds)
+    ]
+    print()
+    print("\n".join(format_table(header, rows, args.markdown)))
+    device = next(bodies[0][1].parameters()).device
+    print(
+        f"\nspeed: backbone forward at {args.speed[0]}x{args.speed[1]}, batch 1, eval mode, {device}, "
+        f"{args.rounds} interleaved rounds, torch threads {torch.get_num_threads()}"
+    )
 
 
 if __name__ == "__main__":
