@@ -148,7 +148,9 @@ def load_predictor(config_file: str, weights: str, opts: Sequence[str] = ()):
 
 
 def _metadata(cfg):
-    from detectron2.data import MetadataCatalog
+    from detectron2.data import MetadataCatalog  # registers COCO and the other built-in datasets
+
+    from . import data  # noqa: F401  registers the synthetic splits
 
     return MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
 

@@ -52,6 +52,8 @@ def backbone_stats(model, sizes):
     """
     from fvcore.nn import FlopCountAnalysis
 
+    from .scalenet import plain_forward
+
     model = getattr(model, "module", model)  # DDP
     body = getattr(model.backbone, "bottom_up", model.backbone)
     stats = {"backbone_params": sum(p.numel() for p in body.parameters()), "backbone_flops": {}}
@@ -60,7 +62,7 @@ def backbone_stats(model, sizes):
     try:
         device = next(body.parameters()).device
         for h, w in sizes:
-            with torch.no_grad():
+            with torch.no_grad(), plain_forward(body):  # the paper's count: norms included
                 fca = FlopCountAnalysis(_Outputs(body), torch.zeros(1, 3, h, w, device=device))
                 fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
                 stats["backbone_flops"][f"{h}x{w}"] = float(fca.total())

@@ -20,6 +20,7 @@ to the maximum over the whole dimension, and is then resized back like any other
 map. Whenever the published network runs, nothing is padded and the result is identical.
 """
 
+import contextlib
 import functools
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -47,6 +48,7 @@ __all__ = [
     "relu_resize_like",
     "fold_norm",
     "set_norm_folding",
+    "plain_forward",
     "build_scalenet_backbone",
     "build_scalenet_fpn_backbone",
     "build_retinanet_scalenet_fpn_backbone",
@@ -328,6 +330,20 @@ def set_norm_folding(model: nn.Module, enabled: bool) -> nn.Module:
         if isinstance(module, SABottleneck):
             module.fold_norms = enabled
     return model
+
+
+@contextlib.contextmanager
+def plain_forward(model: nn.Module):
+    """Within it, the SA blocks of `model` run their plain forward (FLOP counts that follow the
+    paper's convention, which counts the norms, and module hooks, which folding bypasses)."""
+    blocks = [m for m in model.modules() if isinstance(m, SABottleneck)]
+    saved = [block.fold_norms for block in blocks]
+    try:
+        set_norm_folding(model, False)
+        yield model
+    finally:
+        for block, fold in zip(blocks, saved):
+            block.fold_norms = fold
 
 
 def make_scalenet_stages(allocation: Allocation, norm) -> List[List[SABottleneck]]:
