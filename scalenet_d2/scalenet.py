@@ -45,7 +45,6 @@ __all__ = [
     "ScaleNetGroupNorm",
     "max_pool_clamped",
     "resize_like",
-    "relu_resize_like",
     "fold_norm",
     "set_norm_folding",
     "plain_forward",
@@ -111,25 +110,17 @@ def max_pool_clamped(x: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 @torch.jit.script_if_tracing
-def resize_like(pooled: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+def resize_like(pooled: torch.Tensor, reference: torch.Tensor, relu: bool = False) -> torch.Tensor:
     """`pooled` resized to the height and width of `reference`, as the published network: nearest
     (exact replication) where they are whole multiples of the pooled size, else bilinear.
+    relu=True: relu of the result, computed at the pooled resolution where the resize is nearest
+    (a replication, with which it commutes; bilinear mixes values, so there it comes after).
     Scripted when traced, so that a traced model makes this choice for every input size."""
     height, width = reference.shape[-2], reference.shape[-1]
     if height % pooled.shape[-2] == 0 and width % pooled.shape[-1] == 0:
-        return F.interpolate(pooled, size=[height, width], mode="nearest")
-    return F.interpolate(pooled, size=[height, width], mode="bilinear", align_corners=False)
-
-
-@torch.jit.script_if_tracing
-def relu_resize_like(pooled: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """relu(resize_like(pooled, reference)), with the ReLU at the pooled resolution where the
-    resize is nearest (a replication, with which it commutes; bilinear mixes values, so there
-    the ReLU comes after)."""
-    height, width = reference.shape[-2], reference.shape[-1]
-    if height % pooled.shape[-2] == 0 and width % pooled.shape[-1] == 0:
-        return F.interpolate(F.relu(pooled), size=[height, width], mode="nearest")
-    return F.relu(F.interpolate(pooled, size=[height, width], mode="bilinear", align_corners=False))
+        return F.interpolate(F.relu(pooled) if relu else pooled, size=[height, width], mode="nearest")
+    resized = F.interpolate(pooled, size=[height, width], mode="bilinear", align_corners=False)
+    return F.relu(resized) if relu else resized
 
 
 def fold_norm(conv: nn.Conv2d, norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +160,7 @@ def _pooled_branch_op(
     y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: int, relu: bool
 ) -> torch.Tensor:
     pooled = F.conv2d(max_pool_clamped(y, scale), weight, bias, padding=weight.shape[-1] // 2)
-    return relu_resize_like(pooled, y) if relu else resize_like(pooled, y)
+    return resize_like(pooled, y, relu)
 
 
 @_pooled_branch_op.register_fake
@@ -315,7 +306,7 @@ class SABottleneck(CNNBlockBase):
                 branches.append(_exported_pooled_branch(y, weight, bias, scale, True))
             else:
                 pooled = F.conv2d(max_pool_clamped(y, scale), weight, bias, padding=conv.padding)
-                branches.append(relu_resize_like(pooled, y))
+                branches.append(resize_like(pooled, y, relu=True))
         out = F.conv2d(torch.cat(branches, dim=1), *fold_norm(self.conv3, self.bn3))
         return F.relu_(out + shortcut)
 

@@ -146,15 +146,6 @@ def test_paper_protocol_sizes(path):
     assert cfg.INPUT.MIN_SIZE_TEST == short and cfg.INPUT.MAX_SIZE_TEST == long_
 
 
-@pytest.fixture
-def one_thread():
-    # Small CPU ops with more threads than free cores (a shared machine) run many times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_every_config_builds_and_runs(monkeypatch, one_thread):
     # Configs that differ only outside MODEL (schedule, input size) build the same model,
     # so each distinct MODEL is built once; each runs inference on a small image.

@@ -3,7 +3,7 @@ with dynamic height and width, ONNX with dynamic axes (onnxruntime), and traced 
 
 import pytest
 import torch
-from detectron2.layers import FrozenBatchNorm2d
+from conftest import damp_norms
 from detectron2.modeling import build_model
 
 from scalenet_d2 import ScaleNet
@@ -95,10 +95,7 @@ def detector(detector_cfg, backbone):
     cfg.MODEL.SCALENET.NORM = cfg.MODEL.RESNETS.NORM = "FrozenBN"
     cfg.MODEL.RESNETS.OUT_FEATURES = cfg.MODEL.SCALENET.OUT_FEATURES
     torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    for module in model.modules():  # damped untrained features: not every box is background
-        if isinstance(module, FrozenBatchNorm2d):
-            module.weight.data.fill_(0.2)
+    model = damp_norms(build_model(cfg).eval())
     model.roi_heads.box_predictor.test_score_thresh = 0.0
     return model
 

@@ -6,11 +6,11 @@ import os
 import detectron2.data.transforms as T
 import pytest
 import torch
+from conftest import damp_norms
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, get_cfg, instantiate
 from detectron2.data import DatasetMapper
 from detectron2.engine import SimpleTrainer, hooks
-from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler, build_optimizer
 from omegaconf import OmegaConf
@@ -51,14 +51,6 @@ def load_yaml(path):
     return cfg
 
 
-def damp_norms(model):
-    """Norm scales of 0.2 instead of 1: with FrozenBN and no ImageNet weights, the features of a
-    deep untrained body otherwise grow through every residual add (S101 diverges at once)."""
-    for module in model.modules():
-        if isinstance(module, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
-            module.weight.data.fill_(0.2)
-
-
 def augmentation_args(mapper):
     """Each augmentation's type and arguments (OmegaConf turns tuples into lists)."""
     found = []
@@ -68,14 +60,6 @@ def augmentation_args(mapper):
             args.pop("is_range"), args.pop("sample_style")  # one size: "range" and "choice" agree
         found.append((type(a), args))
     return found
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("scalenet,resnet", TWINS, ids=[os.path.basename(s) for s, _ in TWINS])
