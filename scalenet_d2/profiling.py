@@ -1,15 +1,29 @@
 """What a run or a benchmark reports about the model and the machine: backbone params and
 FLOPs (fvcore), peak memory, and a one-line description of the machine."""
 
+import ctypes
 import os
 import platform
 import resource
 import socket
+import time
 
 import torch
 from torch import nn
 
-__all__ = ["machine_description", "peak_memory", "backbone_stats", "FLOPS_NOTE"]
+__all__ = [
+    "machine_description",
+    "peak_memory",
+    "backbone_stats",
+    "folded_resnet",
+    "time_interleaved",
+    "peak_bytes",
+    "synthetic_detection_batch",
+    "training_step",
+    "held_bytes",
+    "damp_norms",
+    "FLOPS_NOTE",
+]
 
 FLOPS_NOTE = "fvcore FlopCountAnalysis of the bottom-up backbone (no FPN), batch 1; 1 fused multiply-add = 1 flop"
 
@@ -69,3 +83,151 @@ def backbone_stats(model, sizes):
     finally:
         body.train(was_training)
     return stats
+
+
+class _FoldedConv(nn.Module):
+    """A detectron2 Conv2d with its frozen norm folded in, run by ScaleNet's conv kernel choice."""
+
+    def __init__(self, conv):
+        from .scalenet import fold_norm, frozen_statistics
+
+        super().__init__()
+        if (
+            conv.groups != 1
+            or conv.dilation != (1, 1)
+            or conv.stride[0] != conv.stride[1]
+            or conv.padding[0] != conv.padding[1]
+        ):
+            raise ValueError(f"folded_resnet: a conv with groups/dilation/anisotropic stride or padding: {conv}")
+        if conv.norm is not None and not frozen_statistics(conv.norm):
+            raise ValueError(f"folded_resnet: {conv.norm} has no frozen statistics (FrozenBN or eval-mode BN)")
+        weight, bias = fold_norm(conv, conv.norm) if conv.norm is not None else (conv.weight, conv.bias)
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.stride, self.padding, self.activation = conv.stride[0], conv.padding[0], conv.activation
+
+    def forward(self, x):
+        from .scalenet import conv2d
+
+        x = conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        return x if self.activation is None else self.activation(x)
+
+
+def folded_resnet(body: nn.Module) -> nn.Module:
+    """A copy of a detectron2 ResNet for inference with the execution settings of ScaleNet's fast
+    eval path: each frozen norm folded into its conv, and on CPU oneDNN's conv kernel for
+    channels_last inputs (`scalenet.conv2d`). The "fair" reference of tools/benchmark.py."""
+    import copy
+
+    from detectron2.layers import Conv2d
+
+    folded = copy.deepcopy(body).eval()
+    for name, module in list(folded.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, Conv2d):
+                setattr(module, child_name, _FoldedConv(child))
+    return folded
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(runs, rounds, device):
+    """Seconds of each of `runs` (callables), `rounds` times each after one warm-up call, in
+    interleaved rounds within one process, so that a change of load on the machine affects all
+    alike. Returns one list of seconds per run."""
+    for run in runs:  # warm-up: allocator, oneDNN / cuDNN kernel choice, lazy state
+        run()
+    seconds = [[] for _ in runs]
+    for _ in range(rounds):
+        for run, times in zip(runs, seconds):
+            _synchronize(device)
+            start = time.perf_counter()
+            run()
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+    return seconds
+
+
+def _resident_bytes(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def peak_bytes(run, device, held=0):
+    """Peak memory of one call of `run`: `held` (the bytes of what it keeps between calls, e.g.
+    weights, gradients and optimizer state) plus the most it takes on top during the call.
+    GPU: torch.cuda.max_memory_allocated over what was allocated before. CPU (Linux): the peak
+    resident set over the one before, freed memory first handed back to the system (malloc_trim)
+    and the peak reset (/proc/self/clear_refs); None where that is not available."""
+    if device.type == "cuda":
+        _synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        _synchronize(device)
+        return held + torch.cuda.max_memory_allocated(device) - before
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak resident set (VmHWM) to the current one
+        before = _resident_bytes("VmRSS")
+    except OSError:
+        return None
+    run()
+    return held + _resident_bytes("VmHWM") - before
+
+
+def synthetic_detection_batch(batch_size, height, width, num_classes, seed=0):
+    """detectron2 training inputs (image, instances) of fixed size and content: random pixels and
+    4 random boxes per image, the same for every model given the same seed."""
+    from detectron2.structures import Boxes, Instances
+
+    generator = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(batch_size):
+        image = torch.randint(0, 256, (3, height, width), generator=generator, dtype=torch.uint8)
+        corners = torch.rand(4, 2, 2, generator=generator) * torch.tensor([width, height])
+        boxes = torch.cat([corners.min(dim=1).values, corners.max(dim=1).values + 16], dim=1)
+        instances = Instances((height, width))
+        instances.gt_boxes = Boxes(boxes)
+        instances.gt_classes = torch.randint(0, num_classes, (4,), generator=generator)
+        batch.append({"image": image, "height": height, "width": width, "instances": instances})
+    return batch
+
+
+def training_step(model, optimizer, batch):
+    """One detectron2 training step as SimpleTrainer runs it: losses, backward, optimizer step.
+    Returns a callable, for time_interleaved and peak_bytes."""
+
+    from detectron2.utils.events import EventStorage
+
+    def step():
+        with EventStorage(0):  # the losses log to it
+            losses = model(batch)
+        optimizer.zero_grad(set_to_none=False)
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    return step
+
+
+def held_bytes(model, optimizer):
+    """Bytes of the parameters, their gradients and the optimizer's state tensors."""
+    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def damp_norms(model):
+    """Norm scales of 0.2 instead of 1 in an untrained model: with FrozenBN and no ImageNet
+    weights the features of a deep body otherwise grow through every residual add (S101
+    diverges at once) and every box scores as background."""
+    from detectron2.layers import FrozenBatchNorm2d
+
+    for module in model.modules():
+        if isinstance(module, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
+            module.weight.data.fill_(0.2)
+    return model

@@ -22,7 +22,7 @@ map. Whenever the published network runs, nothing is padded and the result is id
 
 import contextlib
 import functools
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import fvcore.nn.weight_init as weight_init
 import torch
@@ -112,7 +112,8 @@ def max_pool_clamped(x: torch.Tensor, factor: int) -> torch.Tensor:
 @torch.jit.script_if_tracing
 def resize_like(pooled: torch.Tensor, reference: torch.Tensor, relu: bool = False) -> torch.Tensor:
     """`pooled` resized to the height and width of `reference`, as the published network: nearest
-    (exact replication) where they are whole multiples of the pooled size, else bilinear.
+    (F.interpolate's, a selection of pooled values) where they are whole multiples of the pooled
+    size, else bilinear.
     relu=True: relu of the result, computed at the pooled resolution where the resize is nearest
     (a replication, with which it commutes; bilinear mixes values, so there it comes after).
     Scripted when traced, so that a traced model makes this choice for every input size."""
@@ -137,6 +138,101 @@ def frozen_statistics(norm: nn.Module) -> bool:
     return isinstance(norm, FrozenBatchNorm2d) or (
         isinstance(norm, nn.modules.batchnorm._BatchNorm) and not norm.training and norm.track_running_stats
     )
+
+
+def _eager_cpu_float(x: torch.Tensor) -> bool:
+    """Whether x is a CPU float32 tensor in an eager forward (not traced, scripted, compiled or
+    exported), where the fast path may pick memory formats and kernels that a graph could not keep."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+        and not _exporting()
+    )
+
+
+def conv2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: int = 1, padding: int = 0
+):
+    """F.conv2d; on an eager CPU float channels_last input, oneDNN's kernel for every kernel size.
+    torch sends 1x1 convs at batch < 16 to its own GEMM when it runs on one thread, which is 2-3x
+    slower than oneDNN on channels_last maps (same result up to float rounding)."""
+    if (
+        _eager_cpu_float(x)
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+    ):
+        weight = weight.contiguous(memory_format=torch.channels_last)
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, [padding, padding], [stride, stride], [1, 1], 1)
+    return F.conv2d(x, weight, bias, stride, padding)
+
+
+@functools.lru_cache(maxsize=4096)
+def _interpolate_replicates(size: int, pooled: int, device: torch.device) -> bool:
+    """Whether F.interpolate(mode="nearest") from `pooled` to `size` (a multiple of it) repeats
+    each value size // pooled times in a row. It usually does, but its source index is computed
+    in float32 (floor(i * (pooled / size))), which for some sizes rounds down: 2 -> 82 takes 41
+    values from the first row and 41 from the second, but at index 41 rather than 40."""
+    source = torch.arange(pooled, dtype=torch.float32, device=device).reshape(1, 1, pooled, 1)
+    selected = F.interpolate(source, size=[size, 1], mode="nearest").flatten()
+    return torch.equal(selected, torch.arange(size, device=device, dtype=torch.float32) // (size // pooled))
+
+
+def cat_channels(tensors: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """torch.cat on channels, in channels_last where `like` is: cat falls back to NCHW when an
+    input's format is ambiguous (a 1-channel branch), which would send the next conv to NCHW."""
+    if len(tensors) == 1:
+        return tensors[0]
+    if like.is_contiguous() or not like.is_contiguous(memory_format=torch.channels_last):
+        return torch.cat(tensors, dim=1)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):  # cat(out=) has no gradient
+        return torch.cat(tensors, dim=1).contiguous(memory_format=torch.channels_last)
+    n, _, height, width = tensors[0].shape
+    channels = sum(t.shape[1] for t in tensors)
+    out = torch.empty(
+        (n, channels, height, width), dtype=like.dtype, device=like.device, memory_format=torch.channels_last
+    )
+    return torch.cat(tensors, dim=1, out=out)
+
+
+def replicates(pooled: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether `resize_like(pooled, reference)` repeats each value of `pooled` in a block of
+    (H / h) x (W / w) pixels (see _interpolate_replicates)."""
+    (height, width), (h, w) = reference.shape[-2:], pooled.shape[-2:]
+    return (
+        height % h == 0
+        and width % w == 0
+        and _interpolate_replicates(height, h, pooled.device)
+        and _interpolate_replicates(width, w, pooled.device)
+    )
+
+
+def add_replicated_(out: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """out += resize_like(pooled, out), in place, without the resized copy: a broadcast over the
+    replicated rows and columns. Only where `replicates(pooled, out)`."""
+    (n, c, height, width), (h, w) = out.shape, pooled.shape[-2:]
+    out.view(n, c, h, height // h, w, width // w).add_(pooled[:, :, :, None, :, None])
+    return out
+
+
+def batch_norm_of_replicated(norm: nn.BatchNorm2d, pooled: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """norm(resize_like(pooled, reference)), for a BatchNorm2d in training mode, computed at the
+    pooled resolution and not yet resized, where the resize replicates (`replicates`): every
+    value then appears the same number of times, so batch mean and (biased) variance are those
+    of `pooled`. Only the running variance's unbiased correction n / (n - 1) counts the values
+    at the full resolution, as the norm on the resized map would; it is applied here."""
+    if norm.track_running_stats and norm.running_mean is not None:
+        repeats = (reference.shape[-2] // pooled.shape[-2]) * (reference.shape[-1] // pooled.shape[-1])
+        count = pooled.numel() // pooled.shape[1] * repeats
+        with torch.no_grad():
+            var, mean = torch.var_mean(pooled, dim=(0, 2, 3), correction=0)
+            norm.num_batches_tracked.add_(1)
+            factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+            norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
+            norm.running_var.lerp_((var * (count / (count - 1))).to(norm.running_var.dtype), factor)
+    return F.batch_norm(pooled, None, None, norm.weight, norm.bias, True, 0.0, norm.eps)
 
 
 # torch.export: the shape-dependent steps are operators whose output shape (register_fake) is
@@ -257,7 +353,7 @@ class SABottleneck(CNNBlockBase):
                 weight_init.c2_msra_fill(module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self.fold_norms and not self.training and self._norms_frozen():
+        if not torch.jit.is_scripting() and self.fold_norms and self._norms_frozen():
             return self.forward_folded(x)
         if self.stride == 2:
             x = max_pool_clamped(x, 2)  # the block's only downsampling: both paths see it
@@ -277,9 +373,28 @@ class SABottleneck(CNNBlockBase):
             elif not torch.jit.is_scripting() and _exporting():
                 z = _exported_pooled_branch(y, conv.weight, None, scale, False)  # the line below, as one operator
             else:
-                z = resize_like(conv(max_pool_clamped(y, scale)), y)
+                z = conv(max_pool_clamped(y, scale))
+                if not torch.jit.is_scripting() and self._pooled_batch_norm(norm, z, y):
+                    branches.append(resize_like(batch_norm_of_replicated(norm, z, y), y))
+                    continue
+                z = resize_like(z, y)
             branches.append(norm(z))  # norm after resize
         return F.relu_(torch.cat(branches, dim=1))
+
+    @torch.jit.unused
+    def _pooled_batch_norm(self, norm: nn.Module, z: torch.Tensor, y: torch.Tensor) -> bool:
+        """Whether a branch's BN can run at the pooled resolution in training (see
+        batch_norm_of_replicated): BatchNorm2d with batch statistics, a resize that replicates,
+        more than one value per channel (BN refuses one), an eager forward."""
+        return (
+            type(norm) is nn.BatchNorm2d
+            and norm.training
+            and z.numel() > z.shape[1]
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+            and not _exporting()
+            and replicates(z, y)
+        )
 
     @torch.jit.unused
     def _norms_frozen(self) -> bool:
@@ -288,27 +403,66 @@ class SABottleneck(CNNBlockBase):
 
     @torch.jit.unused
     def forward_folded(self, x: torch.Tensor) -> torch.Tensor:
-        """`forward` (up to float rounding) where every norm has frozen statistics, in fewer
-        passes over memory: each norm folded into its conv (a branch's norm too: a per-channel
-        affine map commutes with nearest and with bilinear resizing, whose weights sum to 1),
-        and a nearest branch's ReLU at its pooled resolution. The default in eval mode with
-        FrozenBN or eval BN (detectron2's predictor, exports); weights and checkpoints unchanged."""
+        """`forward` (up to float rounding) where every norm has frozen statistics, with fewer
+        passes over memory and fewer FLOPs. The default in eval mode with FrozenBN or eval BN
+        (detectron2's predictor, exports); weights and checkpoints unchanged. Exact rewrites:
+
+        - every norm folded into its conv, a branch's norm too (a per-channel affine map
+          commutes with nearest and with bilinear resizing, whose weights sum to 1);
+        - a nearest branch's ReLU at its pooled resolution (a selection commutes with it);
+        - conv3 pushed through the concatenation, which it reads as a sum of one 1x1 conv per
+          branch: a branch whose resize replicates values (`replicates`) gets its slice of conv3
+          at the pooled resolution, added by broadcasting (`add_replicated_`); the others
+          (scale 1, bilinear) are concatenated for the rest of conv3;
+        - pooling by 4 as pooling by 2 of the pool by 2 (the max of maxima over the same cells).
+
+        In a traced, compiled or exported graph, which must hold for every input size, the
+        branches all take the shape-independent route (resized, concatenated).
+        """
         if self.stride == 2:
             x = max_pool_clamped(x, 2)
-        shortcut = x if self.downsample is None else F.conv2d(x, *fold_norm(self.downsample[0], self.downsample[1]))
-        y = F.relu(F.conv2d(x, *fold_norm(self.conv1, self.bn1)))
-        branches = []
+        shortcut = x if self.downsample is None else conv2d(x, *fold_norm(self.downsample[0], self.downsample[1]))
+        y = F.relu_(conv2d(x, *fold_norm(self.conv1, self.bn1)))
+        weight3, bias3 = fold_norm(self.conv3, self.bn3)
+        eager = not torch.jit.is_tracing() and not torch.compiler.is_compiling() and not _exporting()
+        full: List[torch.Tensor] = []  # branches at y's resolution, and their channels of conv3's input
+        full_channels: List[slice] = []
+        pushed: List[Tuple[torch.Tensor, slice]] = []  # pooled branches taking their conv3 slice there
+        pooled_by = {1: y}
+        start = 0
         for scale, conv, norm in zip(self.scales, self.conv2.values(), self.bn2.values()):
             weight, bias = fold_norm(conv, norm)
+            channels = slice(start, start + weight.shape[0])
+            start = channels.stop
+            padding = conv.padding[0]
             if scale == 1:
-                branches.append(F.relu(F.conv2d(y, weight, bias, padding=conv.padding)))
+                full.append(F.relu_(conv2d(y, weight, bias, padding=padding)))
             elif _exporting():
-                branches.append(_exported_pooled_branch(y, weight, bias, scale, True))
+                full.append(_exported_pooled_branch(y, weight, bias, scale, True))
+            elif not eager:
+                full.append(resize_like(conv2d(max_pool_clamped(y, scale), weight, bias, padding=padding), y, True))
             else:
-                pooled = F.conv2d(max_pool_clamped(y, scale), weight, bias, padding=conv.padding)
-                branches.append(resize_like(pooled, y, relu=True))
-        out = F.conv2d(torch.cat(branches, dim=1), *fold_norm(self.conv3, self.bn3))
-        return F.relu_(out + shortcut)
+                if scale == 4 and 2 in pooled_by and min(y.shape[-2:]) >= 4:
+                    pooled_by[4] = F.max_pool2d(pooled_by[2], kernel_size=2, stride=2)
+                else:
+                    pooled_by[scale] = max_pool_clamped(y, scale)
+                z = conv2d(pooled_by[scale], weight, bias, padding=padding)
+                if replicates(z, y):
+                    pushed.append((F.relu_(z), channels))
+                    continue
+                full.append(resize_like(z, y, relu=True))
+            full_channels.append(channels)
+        if full:
+            weight = torch.cat([weight3[:, c] for c in full_channels], dim=1)
+            out = conv2d(cat_channels(full, y), weight, bias3)
+            if out.is_contiguous() and not y.is_contiguous():  # a lone 1-channel input makes oneDNN pick NCHW
+                out = out.contiguous(memory_format=torch.channels_last)
+            out = out.add_(shortcut)
+        else:
+            out = shortcut + bias3.reshape(-1, 1, 1)
+        for z, channels in pushed:
+            add_replicated_(out, conv2d(z, weight3[:, channels].contiguous()))
+        return F.relu_(out)
 
     def extra_repr(self) -> str:
         return f"widths={self.widths}, side={self.side}, stride={self.stride}"
@@ -403,6 +557,47 @@ class ScaleNet(ResNet):
         )
         self.allocation = allocation
         self.register_forward_pre_hook(_check_images)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """detectron2's ResNet.forward; in the fast eval path (every block folds its norms, see
+        `SABottleneck.forward_folded`), on CPU, the stem's norm is folded too and the features
+        run in channels_last, where pooling is 10-20x faster than in NCHW and oneDNN's convs
+        take them directly; the outputs come back in NCHW, as detectron2's heads expect."""
+        if not torch.jit.is_scripting() and self._fast_cpu(x):
+            return self._forward_channels_last(x)
+        outputs: Dict[str, torch.Tensor] = {}
+        x = self.stem(x)
+        if "stem" in self._out_features:
+            outputs["stem"] = x
+        for name, stage in zip(self.stage_names, self.stages):
+            x = stage(x)
+            if name in self._out_features:
+                outputs[name] = x
+        return outputs
+
+    @torch.jit.unused
+    def _fast_cpu(self, x: torch.Tensor) -> bool:
+        return (
+            _eager_cpu_float(x)
+            and not self.training
+            and frozen_statistics(self.stem.conv1.norm)
+            and all(block.fold_norms and block._norms_frozen() for stage in self.stages for block in stage)
+        )
+
+    @torch.jit.unused
+    def _forward_channels_last(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        outputs = {}
+        conv = self.stem.conv1
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = conv2d(x, *fold_norm(conv, conv.norm), conv.stride[0], conv.padding[0])
+        x = F.max_pool2d(F.relu_(x), kernel_size=3, stride=2, padding=1)  # detectron2's BasicStem
+        if "stem" in self._out_features:
+            outputs["stem"] = x
+        for name, stage in zip(self.stage_names, self.stages):
+            x = stage(x)
+            if name in self._out_features:
+                outputs[name] = x
+        return {name: feature.contiguous() for name, feature in outputs.items()}
 
 
 def _check_images(body: ScaleNet, inputs: Tuple[torch.Tensor]) -> None:

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 from detectron2.config import get_cfg
-from detectron2.layers import FrozenBatchNorm2d
 
 from scalenet_d2 import EXPECTED_INPUT, add_scalenet_config
+from scalenet_d2.profiling import damp_norms  # noqa: F401  shared with the tests
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,13 +105,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def damp_norms(model):
-    """Norm scales of 0.2 instead of 1 in an untrained detector: with FrozenBN and no ImageNet
-    weights the features of a deep body otherwise grow through every residual add (S101
-    diverges at once) and every box scores as background."""
-    for module in model.modules():
-        if isinstance(module, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
-            module.weight.data.fill_(0.2)
-    return model

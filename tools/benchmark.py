@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""Backbone params, FLOPs and (with --speed) speed of detection configs, on the models they build.
+"""Backbone params, FLOPs and (with --speed / --train-speed) speed and memory of detection configs.
 
     python tools/benchmark.py configs/COCO-Detection/faster_rcnn_S50_FPN_1x.yaml \
         configs/COCO-Detection/faster_rcnn_R50_FPN_1x.yaml --sizes 224x224 800x1344 --markdown
 
     python tools/benchmark.py configs/COCO-Detection/faster_rcnn_R50_FPN_1x.yaml \
-        configs/COCO-Detection/faster_rcnn_S50_FPN_1x.yaml --sizes 224x224 --speed 800x1344
+        configs/COCO-Detection/faster_rcnn_S50_FPN_1x.yaml --sizes 224x224 --speed 800x1344 \
+        --train-speed 512x768 --threads 1
 
 Models are built without loading weights (they change neither params, FLOPs nor speed), on
-the GPU when there is one. --speed times the backbones in one process, as ratios to the
-first config (put the ResNet first to read "ScaleNet time / ResNet time").
+the GPU when there is one. --speed and --train-speed run every model in one process, in
+interleaved rounds, and give ratios to the first config (put the ResNet twin first to read
+"ScaleNet / ResNet").
 "backbone" is the bottom-up network (ScaleNet or ResNet, without FPN), the part in which
 twins differ; FLOPs are counted by fvcore at batch 1, one fused multiply-add = one flop
 (the convention of the ResNet and ScaleNet papers). 800x1344 is an 800x1333 COCO input
@@ -21,13 +23,12 @@ import copy
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 from scalenet_d2.comparison import format_table
 from scalenet_d2.engine import resolve_allocation
-from scalenet_d2.profiling import backbone_stats, machine_description
+from scalenet_d2.profiling import backbone_stats, machine_description, peak_bytes, time_interleaved
 
 
 def parse_size(text):
@@ -38,7 +39,7 @@ def parse_size(text):
     return h, w
 
 
-def config_model(config_file, opts=()):
+def config_model(config_file, opts=(), with_cfg=False):
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
@@ -50,42 +51,120 @@ def config_model(config_file, opts=()):
     cfg.merge_from_list(list(opts))
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     resolve_allocation(cfg)
-    return build_model(cfg).eval()
+    model = build_model(cfg).eval()
+    return (model, cfg) if with_cfg else model
 
 
-def speed_variants(model):
-    """(label, body, memory format) of each way to time a model's bottom-up backbone: "shipped"
-    as users run it by default (ScaleNet: norms folded in eval), "plain" (ScaleNet: its plain
-    forward), and "channels_last" (a copy in that memory format, input too)."""
+def inference_runs(model, size, compile_fair):
+    """(label, callable) of each way to run a model's bottom-up backbone in eval at batch 1:
+    "shipped" as users run it by default (ScaleNet: its fast eval path; ResNet: as built),
+    "fair" with the same execution settings on both (norms folded into the convs, channels_last,
+    oneDNN's conv kernel on CPU: ScaleNet's default path, profiling.folded_resnet for ResNet),
+    "plain" (ScaleNet's plain forward) and, with --compile, "fair, torch.compile"."""
+    from scalenet_d2.profiling import folded_resnet
     from scalenet_d2.scalenet import ScaleNet, set_norm_folding
 
     body = getattr(model.backbone, "bottom_up", model.backbone)
-    variants = [("shipped", body, torch.contiguous_format)]
-    if isinstance(body, ScaleNet):
-        variants.append(("plain", set_norm_folding(copy.deepcopy(body), False), torch.contiguous_format))
-    variants.append(("channels_last", copy.deepcopy(body).to(memory_format=torch.channels_last), torch.channels_last))
-    return variants
+    x = torch.randn(1, 3, *size, device=next(body.parameters()).device)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    scalenet = isinstance(body, ScaleNet)
+    fair = (copy.deepcopy(body) if scalenet else folded_resnet(body)).to(memory_format=torch.channels_last)
+    runs = [("shipped", lambda: body(x)), ("fair", lambda: fair(x_last))]
+    if scalenet:
+        plain = set_norm_folding(copy.deepcopy(body), False)
+        runs.append(("plain", lambda: plain(x)))
+    if compile_fair:
+        compiled = torch.compile(fair)
+        runs.append(("fair, torch.compile", lambda: compiled(x_last)))
+    return runs
 
 
-def time_bodies(bodies, size, rounds):
-    """Seconds of each forward of each (label, body, memory format) at batch 1: in interleaved
-    rounds within one process, so that a change of load on the machine affects all alike."""
-    device = next(bodies[0][1].parameters()).device
-    inputs = [torch.randn(1, 3, *size, device=device).to(memory_format=fmt) for _, _, fmt in bodies]
-    seconds = [[] for _ in bodies]
-    with torch.no_grad():
-        for (_, body, _), x in zip(bodies, inputs):  # warm-up: allocator, cuDNN autotuning
-            body(x)
-        for _ in range(rounds):
-            for (_, body, _), x, times in zip(bodies, inputs, seconds):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                body(x)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-    return seconds
+def training_runs(config_file, opts, size, batch_size):
+    """(label, callable, held bytes) of a whole detector's training step (forward, backward, and
+    the config's SGD) on `batch_size` synthetic images of `size`: "shipped" as built, and "fair"
+    (model in channels_last, the execution setting both families can share in training)."""
+    from detectron2.solver import build_optimizer
+
+    from scalenet_d2.profiling import damp_norms, held_bytes, synthetic_detection_batch, training_step
+
+    runs = []
+    for label, memory_format in [("shipped", torch.contiguous_format), ("fair", torch.channels_last)]:
+        model, cfg = config_model(config_file, opts, with_cfg=True)
+        damp_norms(model).to(memory_format=memory_format).train()  # untrained: keep features finite
+        optimizer = build_optimizer(cfg, model)
+        for group in optimizer.param_groups:  # the first warm-up iteration's: repeated steps on one batch stay finite
+            group["lr"] *= cfg.SOLVER.WARMUP_FACTOR
+        batch = synthetic_detection_batch(batch_size, *size, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+        step = training_step(model, optimizer, batch)
+        step()  # creates the gradients and momentum buffers, held from then on
+        runs.append((label, step, held_bytes(model, optimizer)))
+    return runs
+
+
+def print_runs(args, title, runs_per_config, held_per_run, device):
+    """One table: median and spread of each run's seconds, its peak memory, and ratios to the
+    first config's run of the same label and to its shipped run."""
+    labels = [(os.path.relpath(config), label) for config, runs in runs_per_config for label, _ in runs]
+    calls = [run for _, runs in runs_per_config for _, run in runs]
+    seconds = time_interleaved(calls, args.rounds, device)
+    peaks = [peak_bytes(run, device, held) for run, held in zip(calls, held_per_run)]
+    peaks = [float("nan") if peak is None else peak / 2**20 for peak in peaks]
+    twin = {
+        label: (statistics.median(t), peak)
+        for (config, label), t, peak in zip(labels, seconds, peaks)
+        if config == labels[0][0]
+    }
+    header = ["config", "run", "median s", "min-max s", "/ twin, same run", "/ twin shipped", "peak MiB"]
+    header.append("peak / twin, same run")
+    rows = []
+    for (config, label), t, peak in zip(labels, seconds, peaks):
+        twin_time, twin_peak = twin.get(label, (float("nan"), float("nan")))
+        median = statistics.median(t)
+        rows.append(
+            [
+                config,
+                label,
+                f"{median:.4f}",
+                f"{min(t):.4f}-{max(t):.4f}",
+                f"{median / twin_time:.3f}",
+                f"{median / twin['shipped'][0]:.3f}",
+                f"{peak:.1f}",
+                f"{peak / twin_peak:.3f}",
+            ]
+        )
+    print(f"\n{title}\n")
+    print("\n".join(format_table(header, rows, args.markdown)))
+
+
+def print_speed(args, models):
+    device = next(models[0].parameters()).device
+    if args.speed:
+        runs_per_config, held = [], []
+        for config, model in zip(args.configs, models):
+            runs = inference_runs(model, args.speed, args.compile)
+            runs_per_config.append((config, runs))
+            body = getattr(model.backbone, "bottom_up", model.backbone)
+            held += [sum(p.numel() * p.element_size() for p in body.parameters())] * len(runs)
+        h, w = args.speed
+        with torch.no_grad():
+            title = f"Backbone inference: eval forward of the bottom-up network, batch 1 at {h}x{w}"
+            print_runs(args, title, runs_per_config, held, device)
+    if args.train_speed:
+        runs_per_config, held = [], []
+        for config in args.configs:
+            runs = training_runs(config, args.opts, args.train_speed, args.train_batch)
+            runs_per_config.append((config, [(label, step) for label, step, _ in runs]))
+            held += [bytes_held for _, _, bytes_held in runs]
+        h, w = args.train_speed
+        title = (
+            f"Detector training step: forward, backward and SGD of the whole model, batch {args.train_batch} at {h}x{w}"
+        )
+        print_runs(args, title, runs_per_config, held, device)
+    print(
+        f"\n{device}, {args.rounds} interleaved rounds after one warm-up, torch threads {torch.get_num_threads()}, "
+        f"torch {torch.__version__}. Ratios are to the first config (the twin). peak: tensor memory at its highest "
+        "during one more, untimed, call (weights included; in training also gradients and SGD momentum)."
+    )
 
 
 def main(argv=None):
@@ -97,10 +176,18 @@ def main(argv=None):
         "--speed",
         type=parse_size,
         metavar="HxW",
-        help="also time each backbone's forward at this input (shipped, plain, channels_last), "
-        "as a ratio to the first config's shipped run",
+        help="also time each backbone's eval forward at this input (shipped, fair, plain), with peak memory",
     )
-    parser.add_argument("--rounds", type=int, default=10, help="timed forwards per backbone for --speed")
+    parser.add_argument(
+        "--train-speed",
+        type=parse_size,
+        metavar="HxW",
+        help="also time a training step of each whole detector on images of this size (shipped, fair), "
+        "with peak memory",
+    )
+    parser.add_argument("--train-batch", type=int, default=2, help="images per training step for --train-speed")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows to --speed (slow to compile)")
+    parser.add_argument("--rounds", type=int, default=10, help="timed calls per run for --speed / --train-speed")
     parser.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1, as MODEL_ZOO.md's CPU figures)")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides for every config")
     args = parser.parse_args(argv)
@@ -120,40 +207,11 @@ def main(argv=None):
             + [f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}"]
         )
         print(" ".join(rows[-1]), file=sys.stderr, flush=True)  # progress: big models take a while
-        if args.speed:
-            models.append(model)
+        models.append(model)
     print("\n".join(format_table(header, rows, args.markdown)))
     print(f"\nmeasured by tools/benchmark.py on {machine_description()}")
-    if args.speed:
+    if args.speed or args.train_speed:
         print_speed(args, models)
-
-
-def print_speed(args, models):
-    bodies, labels = [], []
-    for config, model in zip(args.configs, models):
-        for label, body, fmt in speed_variants(model):
-            bodies.append((label, body, fmt))
-            labels.append((os.path.relpath(config), label))
-    seconds = time_bodies(bodies, args.speed, args.rounds)
-    reference = statistics.median(seconds[0])
-    header = ["config", "backbone run", "median s", "min-max s", "median / first config shipped"]
-    rows = [
-        [
-            config,
-            label,
-            f"{statistics.median(t):.4f}",
-            f"{min(t):.4f}-{max(t):.4f}",
-            f"{statistics.median(t) / reference:.3f}",
-        ]
-        for (config, label), t in zip(labels, seconds)
-    ]
-    print()
-    print("\n".join(format_table(header, rows, args.markdown)))
-    device = next(bodies[0][1].parameters()).device
-    print(
-        f"\nspeed: backbone forward at {args.speed[0]}x{args.speed[1]}, batch 1, eval mode, {device}, "
-        f"{args.rounds} interleaved rounds, torch threads {torch.get_num_threads()}"
-    )
 
 
 if __name__ == "__main__":

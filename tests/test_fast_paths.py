@@ -1,0 +1,186 @@
+"""The fast paths of ScaleNet: same results as the plain forward (float rounding apart), in eval
+(norms folded, conv3 pushed through the concatenation, channels_last with oneDNN on CPU) and in
+training (frozen norms folded; BatchNorm of replicated branches at the pooled resolution); and
+the measuring helpers of tools/benchmark.py. Speed itself is measured by the benchmark, not here."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import damp_norms
+from reference_scalenet import ReferenceBlock
+from torch.profiler import ProfilerActivity, profile
+
+import scalenet_d2.scalenet as scalenet_module
+from scalenet_d2.profiling import folded_resnet, peak_bytes, time_interleaved
+from scalenet_d2.resnet_twin import resnet_twin
+from scalenet_d2.scalenet import SABottleneck, ScaleNet, add_replicated_, replicates, set_norm_folding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
+
+
+def random_norms(model, seed=0):
+    """Damped scales (see damp_norms) with random shifts and statistics, so that folding a norm
+    is not the identity."""
+    damp_norms(model)
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if hasattr(module, "running_var") and module.running_var is not None:
+            for tensor, low, high in [
+                (module.bias, -0.1, 0.1),
+                (module.running_mean, -0.5, 0.5),
+                (module.running_var, 0.5, 2),
+            ]:
+                tensor.data.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+    return model
+
+
+def relative_error(ours, expected):
+    return ((ours - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("size,pooled", [(32, 16), (28, 4), (49, 7), (7, 1), (164, 41), (96, 32)])
+def test_add_replicated_equals_adding_the_nearest_resize(size, pooled):
+    out, z = torch.randn(2, 3, size, size), torch.randn(2, 3, pooled, pooled)
+    assert replicates(z, out)
+    expected = out + F.interpolate(z, size=[size, size], mode="nearest")
+    torch.testing.assert_close(add_replicated_(out.clone(), z), expected, rtol=0, atol=0)
+
+
+def test_a_nearest_resize_that_does_not_replicate_is_told_apart():
+    # F.interpolate computes its source index in float32: from 2 to 82 rows, the second value
+    # starts at row 41, not 40; such a branch takes the resize-and-concatenate route
+    z, out = torch.randn(1, 1, 2, 2), torch.randn(1, 1, 82, 82)
+    assert not replicates(z, out)
+    assert not replicates(torch.randn(1, 1, 5, 5), torch.randn(1, 1, 12, 12))  # not a multiple: bilinear
+    assert replicates(torch.randn(1, 1, 2, 2), torch.randn(1, 1, 8, 12))
+
+
+@pytest.mark.parametrize("size", [(128, 160), (131, 197), (96, 1000), (33, 47), (5, 7)])
+def test_the_fast_eval_path_equals_the_plain_forward(size):
+    body = random_norms(ScaleNet("scalenet50")).eval()
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        fast, plain = set_norm_folding(body, True)(x), set_norm_folding(body, False)(x)
+    for stage in plain:
+        assert fast[stage].shape == plain[stage].shape and fast[stage].is_contiguous()
+        assert relative_error(fast[stage], plain[stage]) <= 1e-4, f"{stage} at {size}"
+
+
+def test_the_fast_eval_path_runs_onednn_convs_in_channels_last_on_cpu():
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    body = ScaleNet("scalenet_tiny").eval()
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as fast:
+        body(torch.randn(1, 3, 96, 128))
+    ops = {event.key: event.count for event in fast.key_averages()}
+    convs = sum(1 for m in body.modules() if isinstance(m, torch.nn.Conv2d))
+    assert ops.get("aten::mkldnn_convolution", 0) >= convs - 4  # pushed-through conv3 slices add convs
+    assert "aten::_slow_conv2d_forward" not in ops and "aten::thnn_conv2d" not in ops
+    # conv3 reads only the branches that stay at full resolution: it has fewer input channels
+    # than the block's concatenation wherever a pooled branch replicates
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as plain:
+        set_norm_folding(body, False)(torch.randn(1, 3, 96, 128))
+    assert {event.key for event in plain.key_averages()} >= {"aten::cat", "aten::upsample_nearest2d"}
+
+
+def test_frozen_norms_fold_in_training_with_the_gradients_of_the_plain_forward():
+    # float64: the two computations then agree to ~1e-12, so a wrong gradient cannot hide in rounding
+    body = random_norms(ScaleNet("scalenet50", norm="FrozenBN", freeze_at=0)).double().train()
+    x = torch.randn(2, 3, 131, 197, dtype=torch.float64)
+    results = []
+    for fold in (False, True):
+        set_norm_folding(body, fold).zero_grad()
+        outputs = body(x)
+        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in outputs.values()).backward()
+        results.append((outputs, {n: p.grad.clone() for n, p in body.named_parameters()}))
+    (plain, plain_grads), (folded, folded_grads) = results
+    assert all(relative_error(folded[k], plain[k]) <= 1e-10 for k in plain)
+    assert plain_grads.keys() == folded_grads.keys() and len(plain_grads) > 90
+    assert max(relative_error(folded_grads[k], plain_grads[k]) for k in plain_grads) <= 1e-10
+
+
+@pytest.mark.parametrize("size", [(32, 48), (28, 56), (7, 9), (33, 47)])
+def test_batch_norm_of_replicated_branches_runs_pooled_with_the_same_statistics(size, monkeypatch):
+    # against the independent reference block: outputs, gradients, running statistics after 2 steps
+    pooled_calls = []
+    original = scalenet_module.batch_norm_of_replicated
+    monkeypatch.setattr(scalenet_module, "batch_norm_of_replicated", lambda *a: pooled_calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    reference = ReferenceBlock(32, 16, (6, 5, 4, 3), 56, False, True).train()
+    block = SABottleneck(32, 64, bottleneck_channels=16, widths=(6, 5, 4, 3), side=56, shortcut_conv=True, norm="BN")
+    block.load_state_dict(reference.state_dict())
+    block.train()
+    x, weights = torch.randn(2, 32, *size), torch.randn(2, 64, *size)
+    results = []
+    for model in (reference, block):
+        outputs = [model(x) for _ in range(2)]
+        (outputs[-1] * weights).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        statistics = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+        results.append((outputs[-1], grads, statistics))
+    (expected, expected_grads, expected_stats), (ours, grads, stats) = results
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    assert max(relative_error(grads[k], expected_grads[k]) for k in expected_grads) <= 1e-5
+    assert stats.keys() == expected_stats.keys()
+    for key in expected_stats:
+        torch.testing.assert_close(stats[key], expected_stats[key], rtol=1e-5, atol=1e-6, msg=key)
+    # pooled branches that replicate, times 2 forwards: at 32x48 all three (16x24, 8x12, 4x6); at
+    # 28x56 all three; at 7x9 only the 1x1 of scale 7; at 33x47 none (all bilinear)
+    assert len(pooled_calls) == {(32, 48): 6, (28, 56): 6, (7, 9): 2, (33, 47): 0}[size]
+
+
+def test_folded_resnet_is_the_resnet_up_to_rounding():
+    body = random_norms(resnet_twin("scalenet_tiny", "FrozenBN", ["res2", "res3", "res4", "res5"], 0, False, 3)).eval()
+    folded = folded_resnet(body).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        expected, ours = body(x), folded(x.contiguous(memory_format=torch.channels_last))
+    assert all(relative_error(ours[k], expected[k]) <= 1e-4 for k in expected)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._NormBase) for m in folded.modules())
+    with_batch_statistics = resnet_twin("scalenet_tiny", "BN", ["res5"], 0, False, 3)
+    with_batch_statistics.res5[0].conv1.norm.track_running_stats = False  # normalises by each batch, even in eval
+    with pytest.raises(ValueError, match="has no frozen statistics"):
+        folded_resnet(with_batch_statistics)
+
+
+def test_peak_bytes_and_interleaved_timing():
+    def allocate_two_at_once():
+        a = torch.ones(10_000_000)
+        b = a * 2
+        del a, b
+
+    peak = peak_bytes(allocate_two_at_once, CPU, held=1000)
+    if peak is None:
+        pytest.skip("no /proc/self/clear_refs here")
+    assert 0.95 * 2 * 40e6 <= peak - 1000 <= 2 * 40e6 + 30e6  # resident pages: to a page
+    calls = []
+    seconds = time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], 3, CPU)
+    assert calls == ["a", "b"] * 4 and [len(s) for s in seconds] == [3, 3]  # a warm-up, then 3 rounds
+
+
+def test_benchmark_speed_and_training_rows(tmp_path):
+    configs = [
+        os.path.join(ROOT, "configs/Synthetic", f) for f in ("faster_rcnn_Rtiny_FPN.yaml", "faster_rcnn_Stiny_FPN.yaml")
+    ]
+    args = ["--sizes", "64x64", "--speed", "96x128", "--train-speed", "96x128", "--rounds", "2", "--threads", "1"]
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools/benchmark.py"), *configs, *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    inference = lines.index(next(line for line in lines if line.startswith("Backbone inference")))
+    training = lines.index(next(line for line in lines if line.startswith("Detector training step")))
+    rows = [line.split() for line in lines[inference:training] if "faster_rcnn_" in line]
+    assert [row[1] for row in rows] == ["shipped", "fair", "shipped", "fair", "plain"]
+    assert rows[0][4] == rows[1][4] == "1.000" and rows[0][5] == "1.000"  # the twin against itself
+    train_rows = [line.split() for line in lines[training:] if "faster_rcnn_" in line]
+    assert [row[1] for row in train_rows] == ["shipped", "fair", "shipped", "fair"]
+    assert all(float(row[2]) > 0 and float(row[6]) > 0 for row in rows + train_rows)
