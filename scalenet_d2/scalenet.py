@@ -374,19 +374,21 @@ class SABottleneck(CNNBlockBase):
                 z = _exported_pooled_branch(y, conv.weight, None, scale, False)  # the line below, as one operator
             else:
                 z = conv(max_pool_clamped(y, scale))
-                if not torch.jit.is_scripting() and self._pooled_batch_norm(norm, z, y):
-                    branches.append(resize_like(batch_norm_of_replicated(norm, z, y), y))
+                normalised = None if torch.jit.is_scripting() else self._batch_norm_pooled(scale, z, y)
+                if normalised is not None:
+                    branches.append(resize_like(normalised, y))
                     continue
                 z = resize_like(z, y)
             branches.append(norm(z))  # norm after resize
         return F.relu_(torch.cat(branches, dim=1))
 
     @torch.jit.unused
-    def _pooled_batch_norm(self, norm: nn.Module, z: torch.Tensor, y: torch.Tensor) -> bool:
-        """Whether a branch's BN can run at the pooled resolution in training (see
-        batch_norm_of_replicated): BatchNorm2d with batch statistics, a resize that replicates,
-        more than one value per channel (BN refuses one), an eager forward."""
-        return (
+    def _batch_norm_pooled(self, scale: int, z: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
+        """The scale-`scale` branch's norm of resize_like(z, y) before the resize, where that is
+        exact (see batch_norm_of_replicated): BatchNorm2d with batch statistics, a resize that
+        replicates, more than one value per channel (BN refuses one), an eager forward; else None."""
+        norm = self.bn2[str(SCALES.index(scale))]
+        if (
             type(norm) is nn.BatchNorm2d
             and norm.training
             and z.numel() > z.shape[1]
@@ -394,7 +396,9 @@ class SABottleneck(CNNBlockBase):
             and not torch.compiler.is_compiling()
             and not _exporting()
             and replicates(z, y)
-        )
+        ):
+            return batch_norm_of_replicated(norm, z, y)
+        return None
 
     @torch.jit.unused
     def _norms_frozen(self) -> bool:
@@ -410,10 +414,11 @@ class SABottleneck(CNNBlockBase):
         - every norm folded into its conv, a branch's norm too (a per-channel affine map
           commutes with nearest and with bilinear resizing, whose weights sum to 1);
         - a nearest branch's ReLU at its pooled resolution (a selection commutes with it);
-        - conv3 pushed through the concatenation, which it reads as a sum of one 1x1 conv per
-          branch: a branch whose resize replicates values (`replicates`) gets its slice of conv3
-          at the pooled resolution, added by broadcasting (`add_replicated_`); the others
-          (scale 1, bilinear) are concatenated for the rest of conv3;
+        - in eval, conv3 pushed through the concatenation, which it reads as a sum of one 1x1
+          conv per branch: a branch whose resize replicates values (`replicates`) gets its slice
+          of conv3 at the pooled resolution, added by broadcasting (`add_replicated_`); the
+          others (scale 1, bilinear) are concatenated for the rest of conv3 (in training the
+          backward of the broadcast, a strided sum, measured slower than the concatenation);
         - pooling by 4 as pooling by 2 of the pool by 2 (the max of maxima over the same cells).
 
         In a traced, compiled or exported graph, which must hold for every input size, the
@@ -447,7 +452,7 @@ class SABottleneck(CNNBlockBase):
                 else:
                     pooled_by[scale] = max_pool_clamped(y, scale)
                 z = conv2d(pooled_by[scale], weight, bias, padding=padding)
-                if replicates(z, y):
+                if not self.training and replicates(z, y):  # in training the broadcast's backward costs more
                     pushed.append((F.relu_(z), channels))
                     continue
                 full.append(resize_like(z, y, relu=True))
@@ -579,7 +584,7 @@ class ScaleNet(ResNet):
     def _fast_cpu(self, x: torch.Tensor) -> bool:
         return (
             _eager_cpu_float(x)
-            and not self.training
+            and not self.training  # measured: channels_last makes a CPU training step slower and larger
             and frozen_statistics(self.stem.conv1.norm)
             and all(block.fold_norms and block._norms_frozen() for stage in self.stages for block in stage)
         )
