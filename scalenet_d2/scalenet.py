@@ -569,9 +569,13 @@ class ScaleNet(ResNet):
         run in channels_last, where pooling is 10-20x faster than in NCHW and oneDNN's convs
         take them directly; the outputs come back in NCHW, as detectron2's heads expect."""
         if not torch.jit.is_scripting() and self._fast_cpu(x):
-            return self._forward_channels_last(x)
+            outputs = self._stages(self._stem_channels_last(x))
+            return {name: feature.contiguous() for name, feature in outputs.items()}
+        return self._stages(self.stem(x))
+
+    def _stages(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The outputs of the stem (its output x) and of the stages that are asked for."""
         outputs: Dict[str, torch.Tensor] = {}
-        x = self.stem(x)
         if "stem" in self._out_features:
             outputs["stem"] = x
         for name, stage in zip(self.stage_names, self.stages):
@@ -590,19 +594,16 @@ class ScaleNet(ResNet):
         )
 
     @torch.jit.unused
-    def _forward_channels_last(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        outputs = {}
+    def _stem_channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """detectron2's BasicStem with its norm folded, in channels_last."""
         conv = self.stem.conv1
-        x = x.contiguous(memory_format=torch.channels_last)
-        x = conv2d(x, *fold_norm(conv, conv.norm), conv.stride[0], conv.padding[0])
-        x = F.max_pool2d(F.relu_(x), kernel_size=3, stride=2, padding=1)  # detectron2's BasicStem
-        if "stem" in self._out_features:
-            outputs["stem"] = x
-        for name, stage in zip(self.stage_names, self.stages):
-            x = stage(x)
-            if name in self._out_features:
-                outputs[name] = x
-        return {name: feature.contiguous() for name, feature in outputs.items()}
+        x = conv2d(
+            x.contiguous(memory_format=torch.channels_last),
+            *fold_norm(conv, conv.norm),
+            conv.stride[0],
+            conv.padding[0],
+        )
+        return F.max_pool2d(F.relu_(x), kernel_size=3, stride=2, padding=1)
 
 
 def _check_images(body: ScaleNet, inputs: Tuple[torch.Tensor]) -> None:
