@@ -53,8 +53,14 @@ def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank
     # No oversubscription, and never more threads than OMP_NUM_THREADS (or torch's default) gives.
     torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // num_per_machine)))
     comm.synchronize()
-    with _cpu_ddp():
-        main_func(*args)
+    try:
+        with _cpu_ddp():
+            main_func(*args)
+        comm.synchronize()  # no rank leaves while another still talks to the store rank 0 hosts
+    finally:
+        # torch's teardown of a live gloo group at interpreter exit can abort a process
+        # ("terminate called without an active exception"), failing a run that succeeded
+        dist.destroy_process_group()
 
 
 def launch_any(main_func, args):
