@@ -408,8 +408,9 @@ class SABottleneck(CNNBlockBase):
     @torch.jit.unused
     def forward_folded(self, x: torch.Tensor) -> torch.Tensor:
         """`forward` (up to float rounding) where every norm has frozen statistics, with fewer
-        passes over memory and fewer FLOPs. The default in eval mode with FrozenBN or eval BN
-        (detectron2's predictor, exports); weights and checkpoints unchanged. Exact rewrites:
+        passes over memory and fewer FLOPs. The default wherever every norm is frozen (FrozenBN,
+        in training too; BN in eval: detectron2's predictor, exports); gradients reach the conv
+        weights through the folding; weights and checkpoints unchanged. Exact rewrites:
 
         - every norm folded into its conv, a branch's norm too (a per-channel affine map
           commutes with nearest and with bilinear resizing, whose weights sum to 1);
