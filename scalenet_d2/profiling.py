@@ -122,7 +122,7 @@ def folded_resnet(body: nn.Module) -> nn.Module:
     from detectron2.layers import Conv2d
 
     folded = copy.deepcopy(body).eval()
-    for name, module in list(folded.named_modules()):
+    for module in list(folded.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, Conv2d):
                 setattr(module, child_name, _FoldedConv(child))
@@ -216,7 +216,7 @@ def training_step(model, optimizer, batch):
 
 def held_bytes(model, optimizer):
     """Bytes of the parameters, their gradients and the optimizer's state tensors."""
-    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
+    tensors = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None]
     tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
     return sum(t.numel() * t.element_size() for t in tensors)
 

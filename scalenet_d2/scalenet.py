@@ -140,16 +140,16 @@ def frozen_statistics(norm: nn.Module) -> bool:
     )
 
 
+def _in_graph() -> bool:
+    """Whether the forward is being traced, compiled or exported: a graph that must hold for
+    every input size, so no choice may be made in Python on the shapes of this input."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or _exporting()
+
+
 def _eager_cpu_float(x: torch.Tensor) -> bool:
-    """Whether x is a CPU float32 tensor in an eager forward (not traced, scripted, compiled or
-    exported), where the fast path may pick memory formats and kernels that a graph could not keep."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
-        and not _exporting()
-    )
+    """Whether x is a CPU float32 tensor in an eager forward, where the fast path may pick memory
+    formats and kernels that a graph could not keep."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not _in_graph()
 
 
 def conv2d(
@@ -353,7 +353,7 @@ class SABottleneck(CNNBlockBase):
                 weight_init.c2_msra_fill(module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self.fold_norms and self._norms_frozen():
+        if not torch.jit.is_scripting() and self._folds():
             return self.forward_folded(x)
         if self.stride == 2:
             x = max_pool_clamped(x, 2)  # the block's only downsampling: both paths see it
@@ -392,18 +392,17 @@ class SABottleneck(CNNBlockBase):
             type(norm) is nn.BatchNorm2d
             and norm.training
             and z.numel() > z.shape[1]
-            and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling()
-            and not _exporting()
+            and not _in_graph()
             and replicates(z, y)
         ):
             return batch_norm_of_replicated(norm, z, y)
         return None
 
     @torch.jit.unused
-    def _norms_frozen(self) -> bool:
+    def _folds(self) -> bool:
+        """Whether forward takes forward_folded: folding enabled and every norm frozen."""
         norms = [self.bn1, self.bn3, *self.bn2.values()] + ([] if self.downsample is None else [self.downsample[1]])
-        return all(frozen_statistics(norm) for norm in norms)
+        return self.fold_norms and all(frozen_statistics(norm) for norm in norms)
 
     @torch.jit.unused
     def forward_folded(self, x: torch.Tensor) -> torch.Tensor:
@@ -430,11 +429,11 @@ class SABottleneck(CNNBlockBase):
         shortcut = x if self.downsample is None else conv2d(x, *fold_norm(self.downsample[0], self.downsample[1]))
         y = F.relu_(conv2d(x, *fold_norm(self.conv1, self.bn1)))
         weight3, bias3 = fold_norm(self.conv3, self.bn3)
-        eager = not torch.jit.is_tracing() and not torch.compiler.is_compiling() and not _exporting()
+        eager = not _in_graph()
         full: List[torch.Tensor] = []  # branches at y's resolution, and their channels of conv3's input
         full_channels: List[slice] = []
         pushed: List[Tuple[torch.Tensor, slice]] = []  # pooled branches taking their conv3 slice there
-        pooled_by = {1: y}
+        pooled_by = {}
         start = 0
         for scale, conv, norm in zip(self.scales, self.conv2.values(), self.bn2.values()):
             weight, bias = fold_norm(conv, norm)
@@ -591,7 +590,7 @@ class ScaleNet(ResNet):
             _eager_cpu_float(x)
             and not self.training  # measured: channels_last makes a CPU training step slower and larger
             and frozen_statistics(self.stem.conv1.norm)
-            and all(block.fold_norms and block._norms_frozen() for stage in self.stages for block in stage)
+            and all(block._folds() for stage in self.stages for block in stage)
         )
 
     @torch.jit.unused

@@ -521,15 +521,22 @@ def test_the_body_scripts_where_detectron2_resnet_does():
 
 
 def test_a_traced_body_is_exact_at_every_input_size():
-    # the shape-dependent choices (pool clamping, nearest or bilinear) are scripted inside the trace;
-    # eager, the fast path takes shape-dependent shortcuts the trace does not: float rounding apart
+    # the shape-dependent choices (pool clamping, nearest or bilinear) are scripted inside the trace:
+    # the traced plain forward is the eager one exactly; the traced fast path takes none of the
+    # eager fast path's shape-dependent shortcuts, so those two agree up to float rounding
     body = ScaleNet("scalenet_tiny").eval()
     with torch.no_grad():
-        traced = torch.jit.trace(body, images(256, 320), check_trace=False, strict=False)  # dict outputs
+        example = images(256, 320)
+        traced_plain = torch.jit.trace(
+            set_norm_folding(copy.deepcopy(body), False), example, check_trace=False, strict=False
+        )
+        traced = torch.jit.trace(body, example, check_trace=False, strict=False)  # dict outputs
         for size in [(256, 352), (288, 384), (96, 1000), (5, 7), (33, 47), (1000, 17)]:
             x = images(*size)
-            expected, ours = body(x), traced(x)
+            plain, expected, ours = set_norm_folding(body, False)(x), set_norm_folding(body, True)(x), traced(x)
+            ours_plain = traced_plain(x)
             assert list(ours) == STAGES
             for stage in STAGES:
+                torch.testing.assert_close(ours_plain[stage], plain[stage], rtol=0, atol=0, msg=f"{stage} at {size}")
                 error = (ours[stage] - expected[stage]).abs().max() / expected[stage].abs().max()
                 assert error <= 1e-5, f"{stage} at {size}: relative error {error:.2e}"
