@@ -9,6 +9,7 @@ import socket
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "folded_resnet",
     "time_interleaved",
     "peak_bytes",
+    "tensor_peak_bytes",
     "synthetic_detection_batch",
     "training_step",
     "held_bytes",
@@ -86,7 +88,7 @@ def backbone_stats(model, sizes):
 
 
 class _FoldedConv(nn.Module):
-    """A detectron2 Conv2d with its frozen norm folded in, run by ScaleNet's conv kernel choice."""
+    """A detectron2 Conv2d with its frozen norm folded in, run by ScaleNet's conv (`scalenet.conv2d`)."""
 
     def __init__(self, conv):
         from .scalenet import fold_norm, frozen_statistics
@@ -97,35 +99,69 @@ class _FoldedConv(nn.Module):
             or conv.dilation != (1, 1)
             or conv.stride[0] != conv.stride[1]
             or conv.padding[0] != conv.padding[1]
+            or conv.activation is not None
         ):
-            raise ValueError(f"folded_resnet: a conv with groups/dilation/anisotropic stride or padding: {conv}")
+            raise ValueError(
+                f"folded_resnet: a conv with groups/dilation/anisotropic stride or padding/activation: {conv}"
+            )
         if conv.norm is not None and not frozen_statistics(conv.norm):
             raise ValueError(f"folded_resnet: {conv.norm} has no frozen statistics (FrozenBN or eval-mode BN)")
         weight, bias = fold_norm(conv, conv.norm) if conv.norm is not None else (conv.weight, conv.bias)
         self.register_buffer("weight", weight.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.stride, self.padding, self.activation = conv.stride[0], conv.padding[0], conv.activation
+        self.stride, self.padding = conv.stride[0], conv.padding[0]
 
-    def forward(self, x):
+    def forward(self, x, relu=False, add=None, into_add=False):
         from .scalenet import conv2d
 
-        x = conv2d(x, self.weight, self.bias, self.stride, self.padding)
-        return x if self.activation is None else self.activation(x)
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, relu, add, into_add)
+
+
+class _FoldedStem(nn.Module):
+    """detectron2's BasicStem, folded, its ReLU inside the conv."""
+
+    def __init__(self, stem):
+        super().__init__()
+        self.conv1 = _FoldedConv(stem.conv1)
+
+    def forward(self, x):
+        return F.max_pool2d(self.conv1(x, relu=True), kernel_size=3, stride=2, padding=1)
+
+
+class _FoldedBottleneck(nn.Module):
+    """detectron2's BottleneckBlock, folded, with ScaleNet's fast path's fusions: the ReLUs and
+    the residual add inside the convs (into the shortcut conv's fresh output where there is one)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = (_FoldedConv(c) for c in (block.conv1, block.conv2, block.conv3))
+        self.shortcut = None if block.shortcut is None else _FoldedConv(block.shortcut)
+
+    def forward(self, x):
+        out = self.conv2(self.conv1(x, relu=True), relu=True)
+        if self.shortcut is None:
+            return self.conv3(out, relu=True, add=x)
+        return self.conv3(out, relu=True, add=self.shortcut(x), into_add=True)
 
 
 def folded_resnet(body: nn.Module) -> nn.Module:
-    """A copy of a detectron2 ResNet for inference with the execution settings of ScaleNet's fast
-    eval path: each frozen norm folded into its conv, and on CPU oneDNN's conv kernel for
-    channels_last inputs (`scalenet.conv2d`). The "fair" reference of tools/benchmark.py."""
+    """A copy of a detectron2 ResNet (bottleneck blocks) for inference with the execution settings
+    of ScaleNet's fast eval path: each frozen norm folded into its conv, and on CPU, for
+    channels_last inputs, oneDNN's conv kernel with the ReLUs and residual adds fused into the
+    convs (`scalenet.conv2d`). The "fair" reference of tools/benchmark.py."""
     import copy
 
-    from detectron2.layers import Conv2d
+    from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock
 
     folded = copy.deepcopy(body).eval()
-    for module in list(folded.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, Conv2d):
-                setattr(module, child_name, _FoldedConv(child))
+    if not isinstance(folded.stem, BasicStem):
+        raise ValueError(f"folded_resnet: expected detectron2's BasicStem, got {type(folded.stem).__name__}")
+    folded.stem = _FoldedStem(folded.stem)
+    for stage in folded.stages:
+        for index, block in enumerate(stage):
+            if not isinstance(block, BottleneckBlock):
+                raise ValueError(f"folded_resnet: expected detectron2's BottleneckBlock, got {type(block).__name__}")
+            stage[index] = _FoldedBottleneck(block)
     return folded
 
 
@@ -178,6 +214,29 @@ def peak_bytes(run, device, held=0):
         return None
     run()
     return held + _resident_bytes("VmHWM") - before
+
+
+def tensor_peak_bytes(run, device, held=0):
+    """Peak tensor memory of one call of `run`: `held` plus the most bytes of tensors allocated
+    during the call and alive at once (what torch.cuda.max_memory_allocated measures on a GPU, where
+    this is peak_bytes). CPU: from the allocations the profiler records; unlike the resident set,
+    it leaves out what the C allocator keeps back. None where this torch's profiler does not say."""
+    if device.type == "cuda":
+        return peak_bytes(run, device, held)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    try:
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        changes = [(e.start_ns(), e.nbytes()) for e in sorted(events, key=lambda e: e.start_ns())]
+    except AttributeError:
+        return None
+    live = peak = 0
+    for _, change in changes:
+        live += change
+        peak = max(peak, live)
+    return held + peak
 
 
 def synthetic_detection_batch(batch_size, height, width, num_classes, seed=0):

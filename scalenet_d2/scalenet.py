@@ -45,7 +45,9 @@ __all__ = [
     "ScaleNetGroupNorm",
     "max_pool_clamped",
     "resize_like",
+    "norm_affine",
     "fold_norm",
+    "conv_norm",
     "set_norm_folding",
     "plain_forward",
     "build_scalenet_backbone",
@@ -124,14 +126,34 @@ def resize_like(pooled: torch.Tensor, reference: torch.Tensor, relu: bool = Fals
     return F.relu(resized) if relu else resized
 
 
-def fold_norm(conv: nn.Conv2d, norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of one conv computing norm(conv(x)), for a norm with frozen statistics
-    (FrozenBatchNorm2d, or BatchNorm2d in eval mode): a per-channel affine map."""
+def norm_affine(norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of a norm with frozen statistics (FrozenBatchNorm2d, or BatchNorm2d in eval
+    mode), which is then the per-channel affine map x * scale + shift."""
     scale = torch.rsqrt(norm.running_var + norm.eps)
     shift = -norm.running_mean * scale
     if norm.weight is not None:
         scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
+    return scale, shift
+
+
+def fold_norm(conv: nn.Conv2d, norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of one conv computing norm(conv(x)), for a norm with frozen statistics."""
+    scale, shift = norm_affine(norm)
     return conv.weight * scale.reshape(-1, 1, 1, 1), shift
+
+
+def scaled_weight(
+    weight: torch.Tensor, scale: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format
+) -> torch.Tensor:
+    """weight * scale per output channel, in `memory_format`: in an eager forward where autograd
+    records nothing, written there in one pass (not a product, then a copy in the conv's format)."""
+    scale = scale.reshape(-1, 1, 1, 1)
+    if _in_graph() or (torch.is_grad_enabled() and (weight.requires_grad or scale.requires_grad)):
+        return (weight * scale).contiguous(memory_format=memory_format)
+    out = torch.empty(
+        weight.shape, dtype=torch.result_type(weight, scale), device=weight.device, memory_format=memory_format
+    )
+    return torch.mul(weight, scale, out=out)
 
 
 def frozen_statistics(norm: nn.Module) -> bool:
@@ -147,26 +169,221 @@ def _in_graph() -> bool:
 
 
 def _eager_cpu_float(x: torch.Tensor) -> bool:
-    """Whether x is a CPU float32 tensor in an eager forward, where the fast path may pick memory
-    formats and kernels that a graph could not keep."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and not _in_graph()
+    """Whether x is a CPU float32 tensor in an eager forward without CPU autocast, where the fast
+    path may pick memory formats and kernels that a graph (or autocast) could not keep."""
+    return (
+        x.device.type == "cpu" and x.dtype == torch.float32 and not _in_graph() and not torch.is_autocast_enabled("cpu")
+    )
 
 
-def conv2d(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: int = 1, padding: int = 0
-):
-    """F.conv2d; on an eager CPU float channels_last input, oneDNN's kernel for every kernel size.
-    torch sends 1x1 convs at batch < 16 to its own GEMM when it runs on one thread, which is 2-3x
-    slower than oneDNN on channels_last maps (same result up to float rounding)."""
-    if (
+def _onednn(x: torch.Tensor) -> bool:
+    """Whether x is an eager CPU float32 channels_last map that oneDNN's convs take as it is."""
+    return (
         _eager_cpu_float(x)
         and x.is_contiguous(memory_format=torch.channels_last)
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
+    )
+
+
+def conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: int = 1,
+    padding: int = 0,
+    relu: bool = False,
+    add: Optional[torch.Tensor] = None,
+    into_add: bool = False,
+) -> torch.Tensor:
+    """relu?(conv(x) + bias [+ add]); with into_add, written into `add` (in place).
+
+    On an eager CPU float channels_last input, oneDNN's kernel for every kernel size, with a
+    channels_last result: torch sends 1x1 convs at batch < 16 to its own GEMM when it runs on one
+    thread, which is 2-3x slower than oneDNN on channels_last maps (same result up to float
+    rounding). Where no gradient is needed there, the add and the ReLU run inside the conv
+    (oneDNN post-ops, as inductor fuses them: no extra pass over memory)."""
+    channels_last = torch.channels_last
+    if _onednn(x):
+        weight = weight.contiguous(memory_format=channels_last)
+        conv = ([padding] * 2, [stride] * 2, [1, 1], 1)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        if _FUSED_CONV and not needs_grad and (add is None or add.is_contiguous(memory_format=channels_last)):
+            unary = "relu" if relu else None
+            if add is None:
+                out = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *conv, unary or "none", [], "")
+            elif into_add:
+                out = torch.ops.mkldnn._convolution_pointwise_.binary(
+                    add, x, weight, bias, *conv, "add", 1.0, unary, [], ""
+                )
+            else:
+                out = torch.ops.mkldnn._convolution_pointwise.binary(
+                    x, add, weight, bias, *conv, "add", 1.0, unary, [], ""
+                )
+            # a 1-channel input is both NCHW and channels_last, and oneDNN then answers in NCHW
+            return (
+                out if out.is_contiguous(memory_format=channels_last) else out.contiguous(memory_format=channels_last)
+            )
+        out = torch.ops.aten.mkldnn_convolution(x, weight, bias, *conv)
+        if not out.is_contiguous(memory_format=channels_last):
+            out = out.contiguous(memory_format=channels_last)
+    else:
+        out = F.conv2d(x, weight, bias, stride, padding)
+    if add is not None:
+        out = add.add_(out) if into_add else out.add_(add)
+    return F.relu_(out) if relu else out
+
+
+# oneDNN's conv with fused post-ops (what inductor uses on CPU), where this torch has it
+_FUSED_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+class _FoldedConv(torch.autograd.Function):
+    """conv(x, weight * scale) + shift, for a norm whose affine map has no gradient: the backward
+    keeps the conv's own weight, not a folded copy of it (recomputed there, one multiply), so that
+    training holds no more than the plain forward does. Under autocast, the backward runs in the
+    dtype the conv ran in, and hands back gradients in the inputs' dtypes, as autocast's casts do."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, shift, stride: int, padding: int):
+        out = conv2d(x, scaled_weight(weight, scale, _conv_format(x)), shift, stride, padding)
+        ctx.save_for_backward(x, weight, scale)
+        ctx.stride, ctx.padding, ctx.dtype = stride, padding, out.dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, scale = ctx.saved_tensors
+        memory_format = torch.channels_last if _channels_last(x) else torch.contiguous_format
+        folded = scaled_weight(weight, scale, memory_format).to(ctx.dtype)
+        grad_x, grad_folded, _ = torch.ops.aten.convolution_backward(
+            grad.to(ctx.dtype).contiguous(memory_format=memory_format),
+            x.to(ctx.dtype),
+            folded,
+            None,
+            [ctx.stride] * 2,
+            [ctx.padding] * 2,
+            [1, 1],
+            False,
+            [0, 0],
+            1,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
+        )
+        grad_x = None if grad_x is None else grad_x.to(x.dtype)
+        grad_weight = None if grad_folded is None else grad_folded.to(weight.dtype) * scale.reshape(-1, 1, 1, 1)
+        return grad_x, grad_weight, None, None, None, None
+
+
+class _MaxPool(torch.autograd.Function):
+    """F.max_pool2d with kernel = stride = factor, keeping for the backward its input, which the
+    ops around it keep anyway, rather than the argmax indices (int64: twice the bytes of the
+    pooled map); the backward finds them again with the same kernel, ties included."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: int) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.factor = factor
+        return F.max_pool2d(x, kernel_size=factor, stride=factor)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        kernel = [ctx.factor] * 2
+        _, indices = F.max_pool2d(x, kernel, kernel, return_indices=True)
+        return torch.ops.aten.max_pool2d_with_indices_backward(
+            grad, x, kernel, kernel, [0, 0], [1, 1], False, indices
+        ), None
+
+
+def max_pool(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """max_pool_clamped; in an eager forward that autograd records, through _MaxPool."""
+    if not _in_graph() and torch.is_grad_enabled() and x.requires_grad and min(x.shape[-2:]) >= factor:
+        return _MaxPool.apply(x, factor)
+    return max_pool_clamped(x, factor)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _conv_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format conv2d wants its weight in for input x."""
+    return torch.channels_last if _onednn(x) else torch.contiguous_format
+
+
+def conv_norm(
+    x: torch.Tensor,
+    conv: nn.Conv2d,
+    norm: nn.Module,
+    relu: bool = False,
+    add: Optional[torch.Tensor] = None,
+    into_add: bool = False,
+) -> torch.Tensor:
+    """relu?(norm(conv(x)) [+ add]) for a norm with frozen statistics, folded into the conv (see
+    conv2d for `add` and `into_add`)."""
+    stride, padding = conv.stride[0], conv.padding[0]
+    scale, shift = norm_affine(norm)
+    if (
+        torch.is_grad_enabled()
+        and (x.requires_grad or conv.weight.requires_grad)
+        and not (scale.requires_grad or shift.requires_grad)
+        and not _in_graph()
     ):
-        weight = weight.contiguous(memory_format=torch.channels_last)
-        return torch.ops.aten.mkldnn_convolution(x, weight, bias, [padding, padding], [stride, stride], [1, 1], 1)
-    return F.conv2d(x, weight, bias, stride, padding)
+        out = _FoldedConv.apply(x, conv.weight, scale, shift, stride, padding)
+        if add is not None:
+            out = add.add_(out) if into_add else out.add_(add)
+        return F.relu_(out) if relu else out
+    return conv2d(x, scaled_weight(conv.weight, scale, _conv_format(x)), shift, stride, padding, relu, add, into_add)
+
+
+def _transposed_copy(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """x in `memory_format` (NCHW or channels_last) by one transposed-matrix copy per image, which
+    torch does blockwise on CPU: several times faster than the strided copy of .contiguous()."""
+    n, c, height, width = x.shape
+    out = torch.empty((n, c, height, width), dtype=x.dtype, device=x.device, memory_format=memory_format)
+    for image, source in zip(out, x):
+        if memory_format == torch.channels_last:  # rows of pixels <- rows of channels
+            image.permute(1, 2, 0).view(height * width, c).copy_(source.view(c, height * width).t())
+        else:
+            image.view(c, height * width).copy_(source.permute(1, 2, 0).view(height * width, c).t())
+    return out
+
+
+def _in_format(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    if x.is_contiguous(memory_format=memory_format):
+        return x
+    if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(memory_format=_OTHER_FORMAT[memory_format]):
+        return _transposed_copy(x, memory_format)
+    return x.contiguous(memory_format=memory_format)
+
+
+_OTHER_FORMAT = {torch.channels_last: torch.contiguous_format, torch.contiguous_format: torch.channels_last}
+
+
+class _ToFormat(torch.autograd.Function):
+    """A map in another memory format; its gradient comes back in the input's format."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+        ctx.input_format = _OTHER_FORMAT[memory_format]
+        return _in_format(x, memory_format)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _in_format(grad, ctx.input_format), None
+
+
+def to_memory_format(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """x.contiguous(memory_format=...) for NCHW <-> channels_last maps, fast on CPU (a blocked
+    transpose), in the backward too, where a gradient in the other format would make every
+    elementwise op of the backward take torch's slow path for mixed formats."""
+    if x.is_contiguous(memory_format=memory_format):
+        return x
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ToFormat.apply(x, memory_format)
+    return _in_format(x, memory_format)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -215,6 +432,30 @@ def add_replicated_(out: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     (n, c, height, width), (h, w) = out.shape, pooled.shape[-2:]
     out.view(n, c, h, height // h, w, width // w).add_(pooled[:, :, :, None, :, None])
     return out
+
+
+def added_replicated(x: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """x + resize_like(pooled, x), a new map in x's memory format (see add_replicated_)."""
+    (n, c, height, width), (h, w) = x.shape, pooled.shape[-2:]
+    blocks = (n, c, h, height // h, w, width // w)
+    out = torch.empty_like(x)
+    torch.add(x.view(blocks), pooled[:, :, :, None, :, None], out=out.view(blocks))
+    return out
+
+
+def nest_replicated(parts: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Maps to be replicated onto one full-resolution map, fewer: one whose grid divides a larger
+    one's is added into that one by replication first. Exact: replicating h -> h' -> H repeats each
+    value H / h times, as h -> H does, wherever h divides h' and h' divides H."""
+    groups: List[torch.Tensor] = []
+    for part in sorted(parts, key=lambda t: -t.shape[-2] * t.shape[-1]):
+        for group in groups:
+            if group.shape[-2] % part.shape[-2] == 0 and group.shape[-1] % part.shape[-1] == 0:
+                add_replicated_(group, part)
+                break
+        else:
+            groups.append(part)
+    return groups
 
 
 def batch_norm_of_replicated(norm: nn.BatchNorm2d, pooled: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -425,49 +666,57 @@ class SABottleneck(CNNBlockBase):
         branches all take the shape-independent route (resized, concatenated).
         """
         if self.stride == 2:
-            x = max_pool_clamped(x, 2)
-        shortcut = x if self.downsample is None else conv2d(x, *fold_norm(self.downsample[0], self.downsample[1]))
-        y = F.relu_(conv2d(x, *fold_norm(self.conv1, self.bn1)))
-        weight3, bias3 = fold_norm(self.conv3, self.bn3)
+            x = max_pool(x, 2)
+        shortcut = x if self.downsample is None else conv_norm(x, self.downsample[0], self.downsample[1])
+        y = conv_norm(x, self.conv1, self.bn1, relu=True)
         eager = not _in_graph()
+        # conv3 pushed through the concatenation only where no gradient flows back: the backward
+        # of its broadcast, a strided sum, measured slower than the concatenation's
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        push = eager and not grad
+        # with gradients, one ReLU on the concatenation, which conv3 keeps for the backward anyway,
+        # rather than one per branch, each of which would keep its own output too
+        relu = not grad
+        scale3, bias3 = norm_affine(self.bn3)
         full: List[torch.Tensor] = []  # branches at y's resolution, and their channels of conv3's input
         full_channels: List[slice] = []
-        pushed: List[Tuple[torch.Tensor, slice]] = []  # pooled branches taking their conv3 slice there
+        pushed: List[torch.Tensor] = []  # conv3 slices of the branches that replicate, at their pooled resolution
         pooled_by = {}
         start = 0
         for scale, conv, norm in zip(self.scales, self.conv2.values(), self.bn2.values()):
-            weight, bias = fold_norm(conv, norm)
-            channels = slice(start, start + weight.shape[0])
+            channels = slice(start, start + conv.out_channels)
             start = channels.stop
-            padding = conv.padding[0]
             if scale == 1:
-                full.append(F.relu_(conv2d(y, weight, bias, padding=padding)))
+                full.append(conv_norm(y, conv, norm, relu=relu))
             elif _exporting():
-                full.append(_exported_pooled_branch(y, weight, bias, scale, True))
+                full.append(_exported_pooled_branch(y, *fold_norm(conv, norm), scale, relu))
             elif not eager:
-                full.append(resize_like(conv2d(max_pool_clamped(y, scale), weight, bias, padding=padding), y, True))
+                full.append(resize_like(conv_norm(max_pool_clamped(y, scale), conv, norm), y, relu))
             else:
                 if scale == 4 and 2 in pooled_by and min(y.shape[-2:]) >= 4:
-                    pooled_by[4] = F.max_pool2d(pooled_by[2], kernel_size=2, stride=2)
+                    pooled_by[4] = max_pool(pooled_by[2], 2)
                 else:
-                    pooled_by[scale] = max_pool_clamped(y, scale)
-                z = conv2d(pooled_by[scale], weight, bias, padding=padding)
-                if not self.training and replicates(z, y):  # in training the broadcast's backward costs more
-                    pushed.append((F.relu_(z), channels))
+                    pooled_by[scale] = max_pool(y, scale)
+                if push and replicates(pooled_by[scale], y):
+                    z = conv_norm(pooled_by[scale], conv, norm, relu=True)
+                    pushed.append(conv2d(z, scaled_weight(self.conv3.weight[:, channels], scale3)))
                     continue
-                full.append(resize_like(z, y, relu=True))
+                full.append(resize_like(conv_norm(pooled_by[scale], conv, norm), y, relu))
             full_channels.append(channels)
-        if full:
-            weight = torch.cat([weight3[:, c] for c in full_channels], dim=1)
-            out = conv2d(cat_channels(full, y), weight, bias3)
-            if out.is_contiguous() and not y.is_contiguous():  # a lone 1-channel input makes oneDNN pick NCHW
-                out = out.contiguous(memory_format=torch.channels_last)
-            out = out.add_(shortcut)
-        else:
-            out = shortcut + bias3.reshape(-1, 1, 1)
-        for z, channels in pushed:
-            add_replicated_(out, conv2d(z, weight3[:, channels].contiguous()))
-        return F.relu_(out)
+        # what conv3 adds to: the shortcut and the pushed branches' conv3 slices, added by
+        # broadcasting, a slice first into a larger one whose grid holds its own (one pass less)
+        residual = shortcut if self.downsample is not None else None  # a fresh map: conv3 may add into it
+        for part in nest_replicated(pushed):
+            residual = added_replicated(shortcut, part) if residual is None else add_replicated_(residual, part)
+        add, into_add = (shortcut, False) if residual is None else (residual, True)
+        if not full:
+            return F.relu_(add.add(bias3.reshape(-1, 1, 1)))
+        features = cat_channels(full, y) if relu else F.relu_(cat_channels(full, y))
+        if not pushed:
+            return conv_norm(features, self.conv3, self.bn3, relu=True, add=add, into_add=into_add)
+        parts = [self.conv3.weight[:, c] for c in full_channels]
+        weight = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return conv2d(features, scaled_weight(weight, scale3), bias3, relu=True, add=add, into_add=into_add)
 
     def extra_repr(self) -> str:
         return f"widths={self.widths}, side={self.side}, stride={self.stride}"
@@ -564,13 +813,18 @@ class ScaleNet(ResNet):
         self.register_forward_pre_hook(_check_images)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """detectron2's ResNet.forward; in the fast eval path (every block folds its norms, see
-        `SABottleneck.forward_folded`), on CPU, the stem's norm is folded too and the features
-        run in channels_last, where pooling is 10-20x faster than in NCHW and oneDNN's convs
-        take them directly; the outputs come back in NCHW, as detectron2's heads expect."""
+        """detectron2's ResNet.forward. Where every norm is frozen (every block takes
+        `SABottleneck.forward_folded`) on CPU, the stem's norm is folded too and the features run
+        in channels_last, where pooling is 10-20x faster than in NCHW and oneDNN's convs take them
+        directly. The outputs then come in the input's memory format, as a conv's would (NCHW for
+        detectron2's images), except where autograd records them (training): there they stay
+        channels_last, as an NCHW copy would be kept for the backward beside each original."""
         if not torch.jit.is_scripting() and self._fast_cpu(x):
-            outputs = self._stages(self._stem_channels_last(x))
-            return {name: feature.contiguous() for name, feature in outputs.items()}
+            outputs = self._stages(self._stem_channels_last(to_memory_format(x, torch.channels_last)))
+            # where autograd keeps them, an NCHW copy would be kept beside each channels_last map
+            if any(feature.requires_grad for feature in outputs.values()) or (_channels_last(x)):
+                return outputs
+            return {name: to_memory_format(feature, torch.contiguous_format) for name, feature in outputs.items()}
         return self._stages(self.stem(x))
 
     def _stages(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -588,7 +842,6 @@ class ScaleNet(ResNet):
     def _fast_cpu(self, x: torch.Tensor) -> bool:
         return (
             _eager_cpu_float(x)
-            and not self.training  # measured: channels_last makes a CPU training step slower and larger
             and frozen_statistics(self.stem.conv1.norm)
             and all(block._folds() for stage in self.stages for block in stage)
         )
@@ -597,13 +850,7 @@ class ScaleNet(ResNet):
     def _stem_channels_last(self, x: torch.Tensor) -> torch.Tensor:
         """detectron2's BasicStem with its norm folded, in channels_last."""
         conv = self.stem.conv1
-        x = conv2d(
-            x.contiguous(memory_format=torch.channels_last),
-            *fold_norm(conv, conv.norm),
-            conv.stride[0],
-            conv.padding[0],
-        )
-        return F.max_pool2d(F.relu_(x), kernel_size=3, stride=2, padding=1)
+        return F.max_pool2d(conv_norm(x, conv, conv.norm, relu=True), kernel_size=3, stride=2, padding=1)
 
 
 def _check_images(body: ScaleNet, inputs: Tuple[torch.Tensor]) -> None:

@@ -28,7 +28,13 @@ import torch
 
 from scalenet_d2.comparison import format_table
 from scalenet_d2.engine import resolve_allocation
-from scalenet_d2.profiling import backbone_stats, machine_description, peak_bytes, time_interleaved
+from scalenet_d2.profiling import (
+    backbone_stats,
+    machine_description,
+    peak_bytes,
+    tensor_peak_bytes,
+    time_interleaved,
+)
 
 
 def parse_size(text):
@@ -103,35 +109,43 @@ def training_runs(config_file, opts, size, batch_size):
 
 def print_runs(args, title, runs_per_config, held_per_run, device):
     """One table: median and spread of each run's seconds, its peak memory, and ratios to the
-    first config's run of the same label and to its shipped run."""
+    first config's run of the same label and to its shipped run. On CPU, two peaks: the resident
+    set and the tensors' own bytes."""
     labels = [(os.path.relpath(config), label) for config, runs in runs_per_config for label, _ in runs]
     calls = [run for _, runs in runs_per_config for _, run in runs]
     seconds = time_interleaved(calls, args.rounds, device)
-    peaks = [peak_bytes(run, device, held) for run, held in zip(calls, held_per_run)]
-    peaks = [float("nan") if peak is None else peak / 2**20 for peak in peaks]
+    measures = [peak_bytes] + ([tensor_peak_bytes] if device.type == "cpu" else [])
+    peaks = [
+        [
+            float("nan") if peak is None else peak / 2**20
+            for peak in (measure(run, device, held) for measure in measures)
+        ]
+        for run, held in zip(calls, held_per_run)
+    ]
     twin = {
         label: (statistics.median(t), peak)
         for (config, label), t, peak in zip(labels, seconds, peaks)
         if config == labels[0][0]
     }
-    header = ["config", "run", "median s", "min-max s", "/ twin, same run", "/ twin shipped", "peak MiB"]
-    header.append("peak / twin, same run")
+    header = ["config", "run", "median s", "min-max s", "/ twin, same run", "/ twin shipped"]
+    header += ["peak RSS MiB", "RSS / twin, same run", "tensor peak MiB", "tensors / twin, same run"]
+    if device.type != "cpu":
+        header[6:] = ["peak MiB", "peak / twin, same run"]
     rows = []
     for (config, label), t, peak in zip(labels, seconds, peaks):
-        twin_time, twin_peak = twin.get(label, (float("nan"), float("nan")))
+        twin_time, twin_peak = twin.get(label, (float("nan"), [float("nan")] * len(measures)))
         median = statistics.median(t)
-        rows.append(
-            [
-                config,
-                label,
-                f"{median:.4f}",
-                f"{min(t):.4f}-{max(t):.4f}",
-                f"{median / twin_time:.3f}",
-                f"{median / twin['shipped'][0]:.3f}",
-                f"{peak:.1f}",
-                f"{peak / twin_peak:.3f}",
-            ]
-        )
+        row = [
+            config,
+            label,
+            f"{median:.4f}",
+            f"{min(t):.4f}-{max(t):.4f}",
+            f"{median / twin_time:.3f}",
+            f"{median / twin['shipped'][0]:.3f}",
+        ]
+        for ours, theirs in zip(peak, twin_peak):
+            row += [f"{ours:.1f}", f"{ours / theirs:.3f}"]
+        rows.append(row)
     print(f"\n{title}\n")
     print("\n".join(format_table(header, rows, args.markdown)))
 
@@ -162,8 +176,10 @@ def print_speed(args, models):
         print_runs(args, title, runs_per_config, held, device)
     print(
         f"\n{device}, {args.rounds} interleaved rounds after one warm-up, torch threads {torch.get_num_threads()}, "
-        f"torch {torch.__version__}. Ratios are to the first config (the twin). peak: tensor memory at its highest "
-        "during one more, untimed, call (weights included; in training also gradients and SGD momentum)."
+        f"torch {torch.__version__}. Ratios are to the first config (the twin). Peaks: memory at its highest during "
+        "one more, untimed, call, weights included (in training also gradients and SGD momentum); GPU: "
+        "torch.cuda.max_memory_allocated; CPU: the resident set (RSS, what the C allocator holds too) and the "
+        "tensors' own bytes (from the profiler's allocation records)."
     )
 
 
