@@ -1,7 +1,9 @@
 """The fast paths of ScaleNet: same results as the plain forward (float rounding apart), in eval
-(norms folded, conv3 pushed through the concatenation, channels_last with oneDNN on CPU) and in
-training (frozen norms folded; BatchNorm of replicated branches at the pooled resolution); and
-the measuring helpers of tools/benchmark.py. Speed itself is measured by the benchmark, not here."""
+(norms folded, conv3 pushed through the concatenation, channels_last with oneDNN convs and their
+fused ReLUs and adds on CPU) and in training (frozen norms folded, channels_last on CPU, under
+autocast; BatchNorm of replicated branches at the pooled resolution); the memory-format
+conversions; and the measuring helpers of tools/benchmark.py. Speed itself is measured by the
+benchmark, not here."""
 
 import os
 import subprocess

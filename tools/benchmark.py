@@ -131,8 +131,9 @@ def print_runs(args, title, runs_per_config, held_per_run, device):
     header += ["peak RSS MiB", "RSS / twin, same run", "tensor peak MiB", "tensors / twin, same run"]
     if device.type != "cpu":
         header[6:] = ["peak MiB", "peak / twin, same run"]
+    header.append("held MiB")
     rows = []
-    for (config, label), t, peak in zip(labels, seconds, peaks):
+    for (config, label), t, peak, held in zip(labels, seconds, peaks, held_per_run):
         twin_time, twin_peak = twin.get(label, (float("nan"), [float("nan")] * len(measures)))
         median = statistics.median(t)
         row = [
@@ -145,7 +146,7 @@ def print_runs(args, title, runs_per_config, held_per_run, device):
         ]
         for ours, theirs in zip(peak, twin_peak):
             row += [f"{ours:.1f}", f"{ours / theirs:.3f}"]
-        rows.append(row)
+        rows.append(row + [f"{held / 2**20:.1f}"])
     print(f"\n{title}\n")
     print("\n".join(format_table(header, rows, args.markdown)))
 
@@ -177,7 +178,8 @@ def print_speed(args, models):
     print(
         f"\n{device}, {args.rounds} interleaved rounds after one warm-up, torch threads {torch.get_num_threads()}, "
         f"torch {torch.__version__}. Ratios are to the first config (the twin). Peaks: memory at its highest during "
-        "one more, untimed, call, weights included (in training also gradients and SGD momentum); GPU: "
+        "one more, untimed, call, with what is held between calls (held: weights; in training also gradients and SGD "
+        "momentum); GPU: "
         "torch.cuda.max_memory_allocated; CPU: the resident set (RSS, what the C allocator holds too) and the "
         "tensors' own bytes (from the profiler's allocation records)."
     )
