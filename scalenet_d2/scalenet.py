@@ -654,13 +654,17 @@ class SABottleneck(CNNBlockBase):
 
         - every norm folded into its conv, a branch's norm too (a per-channel affine map
           commutes with nearest and with bilinear resizing, whose weights sum to 1);
-        - a nearest branch's ReLU at its pooled resolution (a selection commutes with it);
-        - in eval, conv3 pushed through the concatenation, which it reads as a sum of one 1x1
-          conv per branch: a branch whose resize replicates values (`replicates`) gets its slice
-          of conv3 at the pooled resolution, added by broadcasting (`add_replicated_`); the
-          others (scale 1, bilinear) are concatenated for the rest of conv3 (in training the
-          backward of the broadcast, a strided sum, measured slower than the concatenation);
-        - pooling by 4 as pooling by 2 of the pool by 2 (the max of maxima over the same cells).
+        - pooling by 4 as pooling by 2 of the pool by 2 (the max of maxima over the same cells);
+        - where autograd records nothing: a nearest branch's ReLU at its pooled resolution (a
+          selection commutes with it), and conv3 pushed through the concatenation, which it
+          reads as a sum of one 1x1 conv per branch: a branch whose resize replicates values
+          (`replicates`) gets its slice of conv3 at the pooled resolution, the slices are nested
+          (`nest_replicated`) and added by broadcasting into the shortcut, and the others
+          (scale 1, bilinear) are concatenated for the rest of conv3, which adds into that sum;
+        - where it records: what the backward keeps is what the plain forward keeps (folded
+          convs keep the conv's weight, pools their input, and the branches share one ReLU on the
+          concatenation); the broadcast's backward, a strided sum, measured slower than the
+          concatenation's, so nothing is pushed there.
 
         In a traced, compiled or exported graph, which must hold for every input size, the
         branches all take the shape-independent route (resized, concatenated).
