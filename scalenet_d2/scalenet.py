@@ -229,6 +229,11 @@ def conv2d(
             out = out.contiguous(memory_format=channels_last)
     else:
         out = F.conv2d(x, weight, bias, stride, padding)
+    return _add_relu(out, relu, add, into_add)
+
+
+def _add_relu(out: torch.Tensor, relu: bool, add: Optional[torch.Tensor], into_add: bool) -> torch.Tensor:
+    """relu?(out [+ add]) as conv2d's post-ops, in place (into `add` with into_add)."""
     if add is not None:
         out = add.add_(out) if into_add else out.add_(add)
     return F.relu_(out) if relu else out
@@ -331,10 +336,7 @@ def conv_norm(
         and not (scale.requires_grad or shift.requires_grad)
         and not _in_graph()
     ):
-        out = _FoldedConv.apply(x, conv.weight, scale, shift, stride, padding)
-        if add is not None:
-            out = add.add_(out) if into_add else out.add_(add)
-        return F.relu_(out) if relu else out
+        return _add_relu(_FoldedConv.apply(x, conv.weight, scale, shift, stride, padding), relu, add, into_add)
     return conv2d(x, scaled_weight(conv.weight, scale, _conv_format(x)), shift, stride, padding, relu, add, into_add)
 
 
@@ -681,7 +683,7 @@ class SABottleneck(CNNBlockBase):
         # with gradients, one ReLU on the concatenation, which conv3 keeps for the backward anyway,
         # rather than one per branch, each of which would keep its own output too
         relu = not grad
-        scale3, bias3 = norm_affine(self.bn3)
+        scale3 = bias3 = None  # bn3's affine map, for conv3's slices where branches are pushed
         full: List[torch.Tensor] = []  # branches at y's resolution, and their channels of conv3's input
         full_channels: List[slice] = []
         pushed: List[torch.Tensor] = []  # conv3 slices of the branches that replicate, at their pooled resolution
@@ -702,6 +704,8 @@ class SABottleneck(CNNBlockBase):
                 else:
                     pooled_by[scale] = max_pool(y, scale)
                 if push and replicates(pooled_by[scale], y):
+                    if scale3 is None:
+                        scale3, bias3 = norm_affine(self.bn3)
                     z = conv_norm(pooled_by[scale], conv, norm, relu=True)
                     pushed.append(conv2d(z, scaled_weight(self.conv3.weight[:, channels], scale3)))
                     continue
