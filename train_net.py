@@ -38,7 +38,7 @@ from scalenet_d2.engine import (
     launch_any,
     setup,
 )
-from scalenet_d2.run_record import write_run_record
+from scalenet_d2.engine.run_record import write_run_record
 
 
 def main(args):

@@ -6,15 +6,6 @@ and build_resnet_twin_fpn_backbone (detectron2's ResNet in the layout of an allo
 Call `add_scalenet_config(cfg)` before merging a config that uses MODEL.SCALENET.
 """
 
-from .allocation import (
-    BUNDLED_ALLOCATIONS,
-    SCALES,
-    STAGE_NAMES,
-    Allocation,
-    AllocationError,
-    StageAllocation,
-    load_allocation,
-)
 from .checkpoint import (
     EXPECTED_INPUT,
     CheckpointMismatchError,
@@ -24,13 +15,24 @@ from .checkpoint import (
     infer_allocation,
 )
 from .config import add_scalenet_config
-from .resnet_twin import build_resnet_twin_fpn_backbone, resnet_twin
-from .scalenet import (
+from .modeling import (
+    BUNDLED_ALLOCATIONS,
+    FAST_PATH_MODES,
+    SCALES,
+    STAGE_NAMES,
+    Allocation,
+    AllocationError,
     SABottleneck,
     ScaleNet,
+    ScaleNetClassifier,
+    StageAllocation,
+    build_resnet_twin_fpn_backbone,
     build_retinanet_scalenet_fpn_backbone,
     build_scalenet_backbone,
     build_scalenet_fpn_backbone,
+    load_allocation,
+    resnet_twin,
+    set_fast_path,
 )
 
 __all__ = [
@@ -44,6 +46,9 @@ __all__ = [
     "STAGE_NAMES",
     "SABottleneck",
     "ScaleNet",
+    "ScaleNetClassifier",
+    "FAST_PATH_MODES",
+    "set_fast_path",
     "build_scalenet_backbone",
     "build_scalenet_fpn_backbone",
     "build_retinanet_scalenet_fpn_backbone",

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from scalenet_d2.allocation import (
+from scalenet_d2.modeling.allocation import (
     BUNDLED_ALLOCATIONS,
     BUNDLED_DIR,
     SCALES,

@@ -23,7 +23,8 @@ from scalenet_d2 import (
     load_allocation,
 )
 from scalenet_d2.checkpoint import published_key_shapes, to_d2_key
-from scalenet_d2.scalenet import max_pool_clamped, set_norm_folding
+from scalenet_d2.modeling.layers import max_pool_clamped
+from scalenet_d2.modeling.scalenet import set_fast_path
 
 STAGES = ["res2", "res3", "res4", "res5"]
 
@@ -77,7 +78,7 @@ def test_equals_the_published_network(name, tmp_path):
     """Reference with random weights and BN statistics -> published state_dict -> converter
     -> ScaleNetCheckpointer -> identical res2..res5. The reference reads the bundled file as
     rows; test_allocation checks that the bundled files transcribe the published ones."""
-    rows, blocks, planes, stem = rows_from_project_file(scalenet_d2.allocation.BUNDLED_DIR / f"{name}.json")
+    rows, blocks, planes, stem = rows_from_project_file(scalenet_d2.modeling.allocation.BUNDLED_DIR / f"{name}.json")
     reference = randomize(ReferenceScaleNet(rows, blocks, planes, stem))
     reference.eval()
     torch.save(reference.state_dict(), tmp_path / "published.pth")
@@ -92,7 +93,7 @@ def test_equals_the_published_network(name, tmp_path):
         x = images(height, width)
         with torch.no_grad():
             expected = reference(x)
-            plain, folded = set_norm_folding(backbone, False)(x), set_norm_folding(backbone, True)(x)
+            plain, folded = set_fast_path(backbone, "off")(x), set_fast_path(backbone, "on")(x)
         assert list(plain) == list(folded) == STAGES
         for stage in STAGES:
             torch.testing.assert_close(
@@ -114,7 +115,9 @@ def test_equals_the_published_network(name, tmp_path):
 
 
 def _tiny_reference_and_backbone(tmp_path, seed=0):
-    rows, blocks, planes, stem = rows_from_project_file(scalenet_d2.allocation.BUNDLED_DIR / "scalenet_tiny.json")
+    rows, blocks, planes, stem = rows_from_project_file(
+        scalenet_d2.modeling.allocation.BUNDLED_DIR / "scalenet_tiny.json"
+    )
     reference = randomize(ReferenceScaleNet(rows, blocks, planes, stem), seed=seed).eval()
     torch.save(reference.state_dict(), tmp_path / "tiny.pth")
     convert_published_checkpoint(str(tmp_path / "tiny.pth"), str(tmp_path / "tiny.pkl"), log=lambda s: None)
@@ -334,8 +337,8 @@ def test_the_block_scripts_and_matches_eager(size):
     scripted = torch.jit.script(block)  # scripts the plain forward (forward_folded is Python only)
     x = torch.randn(2, 16, *size)
     with torch.no_grad():
-        torch.testing.assert_close(scripted(x), set_norm_folding(block, False)(x), rtol=0, atol=0)
-        torch.testing.assert_close(scripted(x), set_norm_folding(block, True)(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(scripted(x), set_fast_path(block, "off")(x), rtol=0, atol=0)
+        torch.testing.assert_close(scripted(x), set_fast_path(block, "on")(x), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- FREEZE_AT and NORM
@@ -422,12 +425,12 @@ def test_group_norm_groups_fit_every_width():
 
 def test_group_norm_of_a_single_value_is_its_bias():
     # a 1-channel branch on a 1x1 map: one value per group, which F.group_norm refuses
-    norm = scalenet_d2.scalenet.make_norm("GN", 1)
+    norm = scalenet_d2.modeling.layers.make_norm("GN", 1)
     with torch.no_grad():
         norm.bias.fill_(0.25)
     torch.testing.assert_close(norm(torch.randn(3, 1, 1, 1)), torch.full((3, 1, 1, 1), 0.25))
     x = torch.randn(2, 6, 5, 7)
-    torch.testing.assert_close(scalenet_d2.scalenet.make_norm("GN", 6)(x), F.group_norm(x, 3))
+    torch.testing.assert_close(scalenet_d2.modeling.layers.make_norm("GN", 6)(x), F.group_norm(x, 3))
 
 
 def test_norm_callable_and_bad_norms():
@@ -514,7 +517,7 @@ def test_the_body_scripts_where_detectron2_resnet_does():
     for size in [(64, 96), (33, 47), (5, 300)]:
         x = images(*size)
         with torch.no_grad():
-            plain, fast, ours = set_norm_folding(backbone, False)(x), set_norm_folding(backbone, True)(x), scripted(x)
+            plain, fast, ours = set_fast_path(backbone, "off")(x), set_fast_path(backbone, "on")(x), scripted(x)
         for stage in STAGES:
             torch.testing.assert_close(ours[stage], plain[stage], rtol=0, atol=0)
             torch.testing.assert_close(ours[stage], fast[stage], rtol=1e-4, atol=1e-5)
@@ -528,12 +531,12 @@ def test_a_traced_body_is_exact_at_every_input_size():
     with torch.no_grad():
         example = images(256, 320)
         traced_plain = torch.jit.trace(
-            set_norm_folding(copy.deepcopy(body), False), example, check_trace=False, strict=False
+            set_fast_path(copy.deepcopy(body), "off"), example, check_trace=False, strict=False
         )
         traced = torch.jit.trace(body, example, check_trace=False, strict=False)  # dict outputs
         for size in [(256, 352), (288, 384), (96, 1000), (5, 7), (33, 47), (1000, 17)]:
             x = images(*size)
-            plain, expected, ours = set_norm_folding(body, False)(x), set_norm_folding(body, True)(x), traced(x)
+            plain, expected, ours = set_fast_path(body, "off")(x), set_fast_path(body, "on")(x), traced(x)
             ours_plain = traced_plain(x)
             assert list(ours) == STAGES
             for stage in STAGES:

@@ -23,12 +23,12 @@ from reference_scalenet import ReferenceScaleNet, randomize, rows_from_project_f
 
 import scalenet_d2
 from scalenet_d2 import ScaleNet, load_allocation
-from scalenet_d2.allocation import BUNDLED_DIR
-from scalenet_d2.classification import ScaleNetClassifier
-from scalenet_d2.classifier_checkpoint import SEED_KEY
+from scalenet_d2.checkpoint.classifier import SEED_KEY
 from scalenet_d2.data import explain_dataset_failure
 from scalenet_d2.data.resumable import TrainStream
-from scalenet_d2.seed_pruning import seed_allocation
+from scalenet_d2.modeling.allocation import BUNDLED_DIR
+from scalenet_d2.modeling.classification import ScaleNetClassifier
+from scalenet_d2.neuron_allocation.pruning import seed_allocation
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = {}

@@ -24,7 +24,7 @@ from scalenet_d2 import (
     load_allocation,
 )
 
-TINY_FILE = scalenet_d2.allocation.BUNDLED_DIR / "scalenet_tiny.json"
+TINY_FILE = scalenet_d2.modeling.allocation.BUNDLED_DIR / "scalenet_tiny.json"
 
 
 def tiny_reference(seed=0):

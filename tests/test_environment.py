@@ -180,10 +180,10 @@ def test_importing_the_package_registers_its_builders():
     assert result.stdout.strip() == str(
         sorted(
             [
-                ("build_resnet_twin_fpn_backbone", "scalenet_d2.resnet_twin"),
-                ("build_retinanet_scalenet_fpn_backbone", "scalenet_d2.scalenet"),
-                ("build_scalenet_backbone", "scalenet_d2.scalenet"),
-                ("build_scalenet_fpn_backbone", "scalenet_d2.scalenet"),
+                ("build_resnet_twin_fpn_backbone", "scalenet_d2.modeling.resnet_twin"),
+                ("build_retinanet_scalenet_fpn_backbone", "scalenet_d2.modeling.scalenet"),
+                ("build_scalenet_backbone", "scalenet_d2.modeling.scalenet"),
+                ("build_scalenet_fpn_backbone", "scalenet_d2.modeling.scalenet"),
             ]
         )
     )

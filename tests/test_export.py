@@ -7,7 +7,7 @@ from conftest import damp_norms
 from detectron2.modeling import build_model
 
 from scalenet_d2 import ScaleNet
-from scalenet_d2.export import export_body, export_body_onnx
+from scalenet_d2.modeling.export import export_body, export_body_onnx
 
 EXAMPLE = (256, 320)
 # other sizes: larger, not multiples of 32, tiny (maps of 1 pixel, -inf padding), very wide and tall

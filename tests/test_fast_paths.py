@@ -16,19 +16,12 @@ from conftest import damp_norms
 from reference_scalenet import ReferenceBlock
 from torch.profiler import ProfilerActivity, profile
 
-import scalenet_d2.scalenet as scalenet_module
-from scalenet_d2.profiling import folded_resnet, peak_bytes, time_interleaved
-from scalenet_d2.resnet_twin import resnet_twin
-from scalenet_d2.scalenet import (
-    SABottleneck,
-    ScaleNet,
-    add_replicated_,
-    added_replicated,
-    nest_replicated,
-    replicates,
-    set_norm_folding,
-    to_memory_format,
-)
+import scalenet_d2.modeling.fast_paths as fast_paths_module
+from scalenet_d2.modeling.cpu_kernels import to_memory_format
+from scalenet_d2.modeling.fast_paths import add_replicated_, added_replicated, nest_replicated, replicates
+from scalenet_d2.modeling.resnet_twin import resnet_twin
+from scalenet_d2.modeling.scalenet import SABottleneck, ScaleNet, set_fast_path
+from scalenet_d2.utils.profiling import folded_resnet, peak_bytes, time_interleaved
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -46,7 +39,8 @@ def random_norms(model, seed=0):
                 (module.running_mean, -0.5, 0.5),
                 (module.running_var, 0.5, 2),
             ]:
-                tensor.data.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+                with torch.no_grad():
+                    tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
     return model
 
 
@@ -104,7 +98,7 @@ def test_the_fast_eval_path_equals_the_plain_forward(size):
     body = random_norms(ScaleNet("scalenet50")).eval()
     x = torch.randn(1, 3, *size)
     with torch.no_grad():
-        fast, plain = set_norm_folding(body, True)(x), set_norm_folding(body, False)(x)
+        fast, plain = set_fast_path(body, "on")(x), set_fast_path(body, "off")(x)
     for stage in plain:
         assert fast[stage].shape == plain[stage].shape and fast[stage].is_contiguous()
         assert relative_error(fast[stage], plain[stage]) <= 1e-4, f"{stage} at {size}"
@@ -133,7 +127,7 @@ def test_the_fast_eval_path_runs_onednn_convs_in_channels_last_on_cpu():
     # conv3 reads only the branches that stay at full resolution: it has fewer input channels
     # than the block's concatenation wherever a pooled branch replicates
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as plain:
-        set_norm_folding(body, False)(torch.randn(1, 3, 96, 128))
+        set_fast_path(body, "off")(torch.randn(1, 3, 96, 128))
     assert {event.key for event in plain.key_averages()} >= {"aten::cat", "aten::upsample_nearest2d"}
 
 
@@ -143,7 +137,7 @@ def test_frozen_norms_fold_in_training_with_the_gradients_of_the_plain_forward()
     x = torch.randn(2, 3, 131, 197, dtype=torch.float64)
     results = []
     for fold in (False, True):
-        set_norm_folding(body, fold).zero_grad()
+        set_fast_path(body, "on" if fold else "off").zero_grad()
         outputs = body(x)
         sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in outputs.values()).backward()
         results.append((outputs, {n: p.grad.clone() for n, p in body.named_parameters()}))
@@ -162,7 +156,7 @@ def test_frozen_norms_train_in_channels_last_on_cpu_with_the_gradients_of_the_pl
     x = torch.randn(2, 3, 96, 128, requires_grad=True)
     results = []
     for fold in (False, True):
-        set_norm_folding(body, fold).zero_grad()
+        set_fast_path(body, "on" if fold else "off").zero_grad()
         x.grad = None
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             outputs = body(x)
@@ -188,7 +182,7 @@ def test_folded_training_under_autocast_runs_in_its_dtype_and_is_as_close_to_flo
     x = torch.randn(2, 3, 96, 128)
     grads = {}
     for name, fold, autocast in [("float32", False, False), ("plain", False, True), ("folded", True, True)]:
-        set_norm_folding(body, fold).zero_grad()
+        set_fast_path(body, "on" if fold else "off").zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             outputs = body(x)
         assert {o.dtype for o in outputs.values()} == {torch.bfloat16 if autocast else torch.float32}
@@ -203,8 +197,10 @@ def test_folded_training_under_autocast_runs_in_its_dtype_and_is_as_close_to_flo
 def test_batch_norm_of_replicated_branches_runs_pooled_with_the_same_statistics(size, monkeypatch):
     # against the independent reference block: outputs, gradients, running statistics after 2 steps
     pooled_calls = []
-    original = scalenet_module.batch_norm_of_replicated
-    monkeypatch.setattr(scalenet_module, "batch_norm_of_replicated", lambda *a: pooled_calls.append(1) or original(*a))
+    original = fast_paths_module.batch_norm_of_replicated
+    monkeypatch.setattr(
+        fast_paths_module, "batch_norm_of_replicated", lambda *a: pooled_calls.append(1) or original(*a)
+    )
     torch.manual_seed(0)
     reference = ReferenceBlock(32, 16, (6, 5, 4, 3), 56, False, True).train()
     block = SABottleneck(32, 64, bottleneck_channels=16, widths=(6, 5, 4, 3), side=56, shortcut_conv=True, norm="BN")

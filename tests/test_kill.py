@@ -17,7 +17,7 @@ import time
 import torch
 
 from scalenet_d2 import ScaleNet, ScaleNetCheckpointer, load_allocation
-from scalenet_d2.classification import ScaleNetClassifier
+from scalenet_d2.modeling.classification import ScaleNetClassifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DELAYS = (0.0, 0.005, 0.02, 0.05, 0.1, 0.2)  # after the temporary file appears

@@ -16,7 +16,7 @@ from PIL import Image
 import scalenet_d2.data  # noqa: F401  registers the synthetic splits
 from scalenet_d2 import add_scalenet_config
 from scalenet_d2.data.synthetic import ensure_split
-from scalenet_d2.pictures import PictureError, loss_history, plot_ap_comparison, plot_loss_curves
+from scalenet_d2.utils.pictures import PictureError, loss_history, plot_ap_comparison, plot_loss_curves
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STINY = os.path.join(REPO, "configs", "Synthetic", "faster_rcnn_Stiny_FPN.yaml")

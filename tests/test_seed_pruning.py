@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from scalenet_d2.allocation import SCALES, Allocation, StageAllocation, load_allocation
-from scalenet_d2.classification import ScaleNetClassifier
-from scalenet_d2.classifier_checkpoint import ALLOCATION_KEY, SEED_KEY, ClassifierCheckpointError, load_seed_checkpoint
-from scalenet_d2.classifier_training import DatasetError
-from scalenet_d2.seed_pruning import (
+from scalenet_d2.checkpoint.classifier import ALLOCATION_KEY, SEED_KEY, ClassifierCheckpointError, load_seed_checkpoint
+from scalenet_d2.modeling.allocation import SCALES, Allocation, StageAllocation, load_allocation
+from scalenet_d2.modeling.classification import ScaleNetClassifier
+from scalenet_d2.neuron_allocation.pruning import (
     NeuronAllocationError,
     NeuronRanking,
     candidate_multipliers,
@@ -30,6 +29,7 @@ from scalenet_d2.seed_pruning import (
     select_multiplier,
     stage_widths,
 )
+from scalenet_d2.neuron_allocation.training import DatasetError
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -538,7 +538,7 @@ def test_allocate_then_detect_end_to_end(trained_seed, dataset, tmp_path, detect
     img = Image.open(chart)
     assert img.format == "PNG" and min(img.size) >= 400
     pixels = {tuple(p[:3]) for p in np.asarray(img.convert("RGB")).reshape(-1, 3)[::3]}
-    from scalenet_d2.seed_pruning import SCALE_COLOURS
+    from scalenet_d2.neuron_allocation.pruning import SCALE_COLOURS
 
     for i, colour in enumerate(SCALE_COLOURS):
         rgb = tuple(int(colour[k : k + 2], 16) for k in (1, 3, 5))

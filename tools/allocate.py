@@ -17,9 +17,9 @@ import os
 import sys
 
 from scalenet_d2.atomic import bytes_writer, torch_writer, write_atomically
-from scalenet_d2.classification import ScaleNetClassifier
-from scalenet_d2.classifier_checkpoint import ALLOCATION_KEY, ClassifierCheckpointError
-from scalenet_d2.seed_pruning import (
+from scalenet_d2.checkpoint.classifier import ALLOCATION_KEY, ClassifierCheckpointError
+from scalenet_d2.modeling.classification import ScaleNetClassifier
+from scalenet_d2.neuron_allocation.pruning import (
     NeuronAllocationError,
     allocate_from_checkpoint,
     format_summary,

@@ -26,9 +26,9 @@ import sys
 
 import torch
 
-from scalenet_d2.comparison import format_table
 from scalenet_d2.engine import resolve_allocation
-from scalenet_d2.profiling import (
+from scalenet_d2.utils.comparison import format_table
+from scalenet_d2.utils.profiling import (
     backbone_stats,
     machine_description,
     peak_bytes,
@@ -67,8 +67,8 @@ def inference_runs(model, size, compile_fair):
     "fair" with the same execution settings on both (norms folded into the convs, channels_last,
     oneDNN's conv kernel on CPU: ScaleNet's default path, profiling.folded_resnet for ResNet),
     "plain" (ScaleNet's plain forward) and, with --compile, "fair, torch.compile"."""
-    from scalenet_d2.profiling import folded_resnet
-    from scalenet_d2.scalenet import ScaleNet, set_norm_folding
+    from scalenet_d2.modeling.scalenet import ScaleNet, set_fast_path
+    from scalenet_d2.utils.profiling import folded_resnet
 
     body = getattr(model.backbone, "bottom_up", model.backbone)
     x = torch.randn(1, 3, *size, device=next(body.parameters()).device)
@@ -77,7 +77,7 @@ def inference_runs(model, size, compile_fair):
     fair = (copy.deepcopy(body) if scalenet else folded_resnet(body)).to(memory_format=torch.channels_last)
     runs = [("shipped", lambda: body(x)), ("fair", lambda: fair(x_last))]
     if scalenet:
-        plain = set_norm_folding(copy.deepcopy(body), False)
+        plain = set_fast_path(copy.deepcopy(body), "off")
         runs.append(("plain", lambda: plain(x)))
     if compile_fair:
         compiled = torch.compile(fair)
@@ -91,7 +91,7 @@ def training_runs(config_file, opts, size, batch_size):
     (model in channels_last, the execution setting both families can share in training)."""
     from detectron2.solver import build_optimizer
 
-    from scalenet_d2.profiling import damp_norms, held_bytes, synthetic_detection_batch, training_step
+    from scalenet_d2.utils.profiling import damp_norms, held_bytes, synthetic_detection_batch, training_step
 
     runs = []
     for label, memory_format in [("shipped", torch.contiguous_format), ("fair", torch.channels_last)]:

@@ -14,8 +14,8 @@ import argparse
 import os
 
 from scalenet_d2.atomic import bytes_writer, write_atomically
-from scalenet_d2.comparison import render
-from scalenet_d2.run_record import RunRecordError, load_run
+from scalenet_d2.engine.run_record import RunRecordError, load_run
+from scalenet_d2.utils.comparison import render
 
 
 def main(argv=None):

@@ -14,8 +14,8 @@ the config lines to use, the input normalisation included.
 import argparse
 import sys
 
-from scalenet_d2.allocation import AllocationError
 from scalenet_d2.checkpoint import CheckpointMismatchError, convert_published_checkpoint
+from scalenet_d2.modeling.allocation import AllocationError
 
 
 def main(argv=None) -> int:

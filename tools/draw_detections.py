@@ -14,7 +14,7 @@ import os
 import sys
 
 from scalenet_d2.checkpoint import CheckpointMismatchError
-from scalenet_d2.pictures import (
+from scalenet_d2.utils.pictures import (
     PictureError,
     draw_predictions,
     image_paths,

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from scalenet_d2.allocation import BUNDLED_DIR, Allocation, StageAllocation, load_allocation
+from scalenet_d2.modeling.allocation import BUNDLED_DIR, Allocation, StageAllocation, load_allocation
 
 PAPER = (
     'Y. Li, Z. Kuang, Y. Chen, W. Zhang, "Data-Driven Neuron Allocation for Scale Aggregation '

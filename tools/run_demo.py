@@ -23,9 +23,10 @@ import sys
 import time
 
 from scalenet_d2.atomic import bytes_writer, write_atomically
-from scalenet_d2.comparison import render
 from scalenet_d2.data.synthetic import ensure_split
-from scalenet_d2.pictures import (
+from scalenet_d2.engine.run_record import load_run
+from scalenet_d2.utils.comparison import render
+from scalenet_d2.utils.pictures import (
     draw_ground_truth,
     draw_predictions,
     load_predictor,
@@ -34,7 +35,6 @@ from scalenet_d2.pictures import (
     read_rgb,
     side_by_side,
 )
-from scalenet_d2.run_record import load_run
 
 # train_net.py and the configs sit beside tools/ in the project's checkout
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -21,10 +21,10 @@ import argparse
 import logging
 import sys
 
-from scalenet_d2.allocation import AllocationError
-from scalenet_d2.classifier_checkpoint import CHECKPOINT, ClassifierCheckpointError
-from scalenet_d2.classifier_training import DatasetError, train_classifier
-from scalenet_d2.seed_pruning import SEED_BLOCKS, NeuronAllocationError
+from scalenet_d2.checkpoint.classifier import CHECKPOINT, ClassifierCheckpointError
+from scalenet_d2.modeling.allocation import AllocationError
+from scalenet_d2.neuron_allocation.pruning import SEED_BLOCKS, NeuronAllocationError
+from scalenet_d2.neuron_allocation.training import DatasetError, train_classifier
 
 
 def parse_args(argv=None):

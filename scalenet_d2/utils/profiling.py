@@ -68,7 +68,7 @@ def backbone_stats(model, sizes):
     """
     from fvcore.nn import FlopCountAnalysis
 
-    from .scalenet import plain_forward
+    from ..modeling.scalenet import plain_forward
 
     model = getattr(model, "module", model)  # DDP
     body = getattr(model.backbone, "bottom_up", model.backbone)
@@ -91,7 +91,7 @@ class _FoldedConv(nn.Module):
     """A detectron2 Conv2d with its frozen norm folded in, run by ScaleNet's conv (`scalenet.conv2d`)."""
 
     def __init__(self, conv):
-        from .scalenet import fold_norm, frozen_statistics
+        from ..modeling.fast_paths import fold_norm, frozen_statistics
 
         super().__init__()
         if (
@@ -112,7 +112,7 @@ class _FoldedConv(nn.Module):
         self.stride, self.padding = conv.stride[0], conv.padding[0]
 
     def forward(self, x, relu=False, add=None, into_add=False):
-        from .scalenet import conv2d
+        from ..modeling.cpu_kernels import conv2d
 
         return conv2d(x, self.weight, self.bias, self.stride, self.padding, relu, add, into_add)
 
@@ -286,7 +286,8 @@ def damp_norms(model):
     diverges at once) and every box scores as background."""
     from detectron2.layers import FrozenBatchNorm2d
 
-    for module in model.modules():
-        if isinstance(module, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
-            module.weight.data.fill_(0.2)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
+                module.weight.fill_(0.2)
     return model

@@ -2,23 +2,67 @@
 and ONNX with dynamic axes.
 
 The body's shape-dependent steps (the -inf padding of short dimensions, nearest or bilinear
-resizing) are operators of their own under torch.export (scalenet.py), and scripted parts
-under the tracing ONNX exporter, so neither freezes the choices made for the example input.
-(Tracing, as detectron2's export_model.py does, needs nothing from here.)
+resizing) are operators of their own under torch.export (registered here, called by layers.py,
+scalenet.py and fast_paths.py), and scripted parts under the tracing ONNX exporter, so neither
+freezes the choices made for the example input. (Tracing, as detectron2's export_model.py
+does, needs nothing from here.)
 """
 
 import io
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.fx.experimental._config as symbolic_shapes_config
+import torch.nn.functional as F
 from torch.export import Dim, ExportedProgram
 
-from .atomic import bytes_writer, write_atomically
+from ..atomic import bytes_writer, write_atomically
+from .layers import max_pool_clamped, resize_like
 
-__all__ = ["export_body", "export_body_onnx", "MAX_SIDE"]
+__all__ = ["export_body", "export_body_onnx", "MAX_SIDE", "max_pool_clamped_op", "pooled_branch_op"]
 
 MAX_SIDE = 8192  # the largest height or width an exported body accepts
+
+
+# Under torch.export the shape-dependent steps are these operators, whose output shape
+# (register_fake) is plain arithmetic on the input's, so that an exported program keeps the
+# choices of layers.py for every input size instead of freezing those of the example input. A
+# pooled branch is one operator (pool, conv, resize back): its pooled map, often 1x1, stays
+# inside it, where the export cannot freeze that map's memory layout either.
+# Both answer in their input's memory format (NCHW or channels_last), the real kernel and the
+# fake alike, so that the strides an exported program expects are the ones it gets.
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    # NCHW asked first: for it the answer needs no reasoning about symbolic sizes
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@torch.library.custom_op("scalenet_d2::max_pool_clamped", mutates_args=())
+def max_pool_clamped_op(x: torch.Tensor, factor: int) -> torch.Tensor:
+    return max_pool_clamped(x, factor).contiguous(memory_format=_memory_format(x))
+
+
+@max_pool_clamped_op.register_fake
+def _(x, factor):
+    height, width = x.shape[-2], x.shape[-1]
+    shape = (x.shape[0], x.shape[1], torch.sym_max(1, height // factor), torch.sym_max(1, width // factor))
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+
+
+@torch.library.custom_op("scalenet_d2::pooled_branch", mutates_args=())
+def pooled_branch_op(
+    y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: int, relu: bool
+) -> torch.Tensor:
+    """resize_like(conv(max_pool_clamped(y, scale)), y, relu), the conv with `weight` and `bias`."""
+    pooled = F.conv2d(max_pool_clamped(y, scale), weight, bias, padding=weight.shape[-1] // 2)
+    return resize_like(pooled, y, relu).contiguous(memory_format=_memory_format(y))
+
+
+@pooled_branch_op.register_fake
+def _(y, weight, bias, scale, relu):
+    shape = (y.shape[0], weight.shape[0], y.shape[-2], y.shape[-1])
+    return torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=_memory_format(y))
 
 
 def export_body(body: torch.nn.Module, example: torch.Tensor) -> ExportedProgram:

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .allocation import Allocation, load_allocation
-from .scalenet import make_norm, make_scalenet_stages
+from .layers import make_norm
+from .scalenet import make_scalenet_stages
 
 __all__ = ["ScaleNetClassifier"]
 

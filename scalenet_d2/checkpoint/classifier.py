@@ -18,9 +18,9 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .allocation import SCALES, STAGE_NAMES, Allocation, AllocationError
-from .atomic import atomic_torch_save
-from .checkpoint import CheckpointMismatchError, check_published_state_dict, infer_allocation, published_state_dict
+from ..atomic import atomic_torch_save
+from ..modeling.allocation import SCALES, STAGE_NAMES, Allocation, AllocationError
+from .published import CheckpointMismatchError, check_published_state_dict, infer_allocation, published_state_dict
 
 __all__ = [
     "SEED_KEY",

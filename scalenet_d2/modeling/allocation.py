@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Sequence, Tuple, Union
 
-from .atomic import bytes_writer, write_atomically
+from ..atomic import bytes_writer, write_atomically
 
 __all__ = [
     "SCALES",
@@ -53,7 +53,7 @@ PUBLISHED_LAYOUTS = {16: (50, (3, 4, 6, 3)), 33: (101, (3, 4, 23, 3)), 50: (152,
 PUBLISHED_PLANES = (64, 128, 256, 512)
 PUBLISHED_STEM_CHANNELS = 64
 
-BUNDLED_DIR = Path(__file__).resolve().parent / "allocations"
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "allocations"
 BUNDLED_ALLOCATIONS = ("scalenet50", "scalenet50_light", "scalenet101", "scalenet152", "scalenet_tiny")
 
 Widths = Tuple[int, int, int, int]

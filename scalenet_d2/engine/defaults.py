@@ -19,14 +19,14 @@ from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from torch import nn
 
-from .allocation import BUNDLED_ALLOCATIONS
-from .atomic import bytes_writer, write_atomically
-from .checkpoint import ScaleNetCheckpointer
-from .config import add_scalenet_config
-from .cpu_launch import launch_any
-from .data import check_datasets, explain_dataset_failure  # importing it registers the synthetic splits
-from .data.resumable import build_resumable_train_loader, start_iterating, stream_loader
-from .evaluation import build_coco_evaluator
+from ..atomic import bytes_writer, write_atomically
+from ..checkpoint import ScaleNetCheckpointer
+from ..config import add_scalenet_config
+from ..data import check_datasets, explain_dataset_failure  # importing it registers the synthetic splits
+from ..data.resumable import build_resumable_train_loader, start_iterating, stream_loader
+from ..evaluation import build_coco_evaluator
+from ..modeling.allocation import BUNDLED_ALLOCATIONS
+from .launch import launch_any
 
 __all__ = [
     "PRETRAINED_ENV",

@@ -17,8 +17,8 @@ import detectron2
 import detectron2.utils.comm as comm
 import torch
 
-from .atomic import bytes_writer, write_atomically
-from .profiling import FLOPS_NOTE, backbone_stats, machine_description, peak_memory
+from ..atomic import bytes_writer, write_atomically
+from ..utils.profiling import FLOPS_NOTE, backbone_stats, machine_description, peak_memory
 
 __all__ = [
     "RUN_INFO",

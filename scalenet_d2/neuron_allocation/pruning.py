@@ -31,7 +31,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .allocation import (
+from ..checkpoint.classifier import SeedCheckpoint, load_seed_checkpoint
+from ..checkpoint.published import STANDARD_SIDES
+from ..modeling.allocation import (
     PUBLISHED_LAYOUTS,
     PUBLISHED_PLANES,
     PUBLISHED_STEM_CHANNELS,
@@ -41,12 +43,8 @@ from .allocation import (
     StageAllocation,
     load_allocation,
 )
-from .checkpoint import (
-    STANDARD_SIDES,
-)
-from .classification import ScaleNetClassifier
-from .classifier_checkpoint import SeedCheckpoint, load_seed_checkpoint
-from .scalenet import plain_forward
+from ..modeling.classification import ScaleNetClassifier
+from ..modeling.scalenet import plain_forward
 
 __all__ = [
     "NeuronAllocationError",

@@ -18,10 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .allocation import load_allocation
-from .checkpoint import EXPECTED_INPUT
-from .classification import ScaleNetClassifier
-from .classifier_checkpoint import (
+from ..checkpoint import EXPECTED_INPUT
+from ..checkpoint.classifier import (
     CHECKPOINT,
     FINAL,
     classifier_state,
@@ -29,7 +27,9 @@ from .classifier_checkpoint import (
     load_training_state,
     save_classifier_checkpoint,
 )
-from .seed_pruning import sa_gamma_l1, seed_allocation
+from ..modeling.allocation import load_allocation
+from ..modeling.classification import ScaleNetClassifier
+from .pruning import sa_gamma_l1, seed_allocation
 
 __all__ = ["DatasetError", "build_lr_scheduler", "ClassifierTrainer", "train_classifier"]
 

@@ -9,7 +9,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from .atomic import bytes_writer, write_atomically
+from ..atomic import bytes_writer, write_atomically
 from .comparison import AP_KEYS
 
 __all__ = [
@@ -128,8 +128,8 @@ def load_predictor(config_file: str, weights: str, opts: Sequence[str] = ()):
     from detectron2.config import get_cfg
     from detectron2.engine import DefaultPredictor
 
-    from . import add_scalenet_config
-    from .checkpoint import ScaleNetCheckpointer
+    from .. import add_scalenet_config
+    from ..checkpoint import ScaleNetCheckpointer
 
     if not os.path.isfile(config_file):
         raise PictureError(f"{config_file}: no such config file; expected a yaml config (configs/...)")
@@ -150,7 +150,7 @@ def load_predictor(config_file: str, weights: str, opts: Sequence[str] = ()):
 def _metadata(cfg):
     from detectron2.data import MetadataCatalog  # registers COCO and the other built-in datasets
 
-    from . import data  # noqa: F401  registers the synthetic splits
+    from .. import data  # noqa: F401  registers the synthetic splits
 
     return MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
 

@@ -1,0 +1,19 @@
+"""What train_net.py uses, for reuse in your own entry points: start-up checks and the trainer
+(defaults.py), launching also on CPU-only machines (launch.py), and run records (run_record.py)."""
+
+from .defaults import (
+    PRETRAINED_ENV,
+    OutputDirGuard,
+    StartupError,
+    Trainer,
+    TrainingDivergedError,
+    build_config,
+    check_inputs,
+    check_output_dir,
+    evaluate,
+    resolve_allocation,
+    resolve_weights,
+    setup,
+)
+from .launch import launch_any
+from .run_record import RunRecordError, load_run, write_run_record
