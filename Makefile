@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-quick test
+.PHONY: setup demo demo-quick test gpu-check
 
 setup:
 	VENV=$(VENV) bash tools/setup_env.sh
@@ -20,3 +20,7 @@ test: setup
 # A 20-second smoke run of the main job (a few iterations on a tiny split).
 demo-quick: setup
 	$(PY) tools/run_demo.py --quick $(ARGS)
+
+# On a machine with a CUDA GPU: the CUDA tests and the S50/R50 speed and memory tables (tools/gpu_check.sh).
+gpu-check: setup
+	PY=$(PY) bash tools/gpu_check.sh

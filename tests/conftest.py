@@ -7,7 +7,7 @@ import torch
 from detectron2.config import get_cfg
 
 from scalenet_d2 import EXPECTED_INPUT, add_scalenet_config
-from scalenet_d2.profiling import damp_norms  # noqa: F401  shared with the tests
+from scalenet_d2.utils.profiling import damp_norms  # noqa: F401  shared with the tests
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

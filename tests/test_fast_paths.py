@@ -5,6 +5,7 @@ autocast; BatchNorm of replicated branches at the pooled resolution); the memory
 conversions; and the measuring helpers of tools/benchmark.py. Speed itself is measured by the
 benchmark, not here."""
 
+import json
 import os
 import subprocess
 import sys
@@ -258,7 +259,9 @@ def test_benchmark_speed_and_training_rows(tmp_path):
     configs = [
         os.path.join(ROOT, "configs/Synthetic", f) for f in ("faster_rcnn_Rtiny_FPN.yaml", "faster_rcnn_Stiny_FPN.yaml")
     ]
+    report = tmp_path / "report.json"
     args = ["--sizes", "64x64", "--speed", "96x128", "--train-speed", "96x128", "--rounds", "2", "--threads", "1"]
+    args += ["--batch", "2", "--json", str(report)]
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools/benchmark.py"), *configs, *args],
         capture_output=True,
@@ -270,8 +273,11 @@ def test_benchmark_speed_and_training_rows(tmp_path):
     inference = lines.index(next(line for line in lines if line.startswith("Backbone inference")))
     training = lines.index(next(line for line in lines if line.startswith("Detector training step")))
     rows = [line.split() for line in lines[inference:training] if "faster_rcnn_" in line]
-    assert [row[1] for row in rows] == ["shipped", "fair", "shipped", "fair", "plain"]
+    assert [row[1] for row in rows] == ["shipped", "fair", "shipped", "fair", "on", "plain"]
     assert rows[0][4] == rows[1][4] == "1.000" and rows[0][5] == "1.000"  # the twin against itself
     train_rows = [line.split() for line in lines[training:] if "faster_rcnn_" in line]
-    assert [row[1] for row in train_rows] == ["shipped", "fair", "shipped", "fair"]
+    assert [row[1] for row in train_rows] == ["shipped", "fair", "shipped", "fair", "on", "plain"]
     assert all(float(row[2]) > 0 and float(row[6]) > 0 for row in rows + train_rows)
+    rows_in_report = json.loads(report.read_text())["rows"]
+    assert [r["run"] for r in rows_in_report] == [row[1] for row in rows + train_rows]
+    assert all(len(r["seconds"]) == 2 for r in rows_in_report)

@@ -20,12 +20,14 @@ after detectron2 pads it to a multiple of 32.
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import sys
 
 import torch
 
+from scalenet_d2.atomic import bytes_writer, write_atomically
 from scalenet_d2.engine import resolve_allocation
 from scalenet_d2.utils.comparison import format_table
 from scalenet_d2.utils.profiling import (
@@ -36,6 +38,8 @@ from scalenet_d2.utils.profiling import (
     time_interleaved,
 )
 
+REPORT = []  # every timed row, for --json
+
 
 def parse_size(text):
     try:
@@ -45,9 +49,8 @@ def parse_size(text):
     return h, w
 
 
-def config_model(config_file, opts=(), with_cfg=False):
+def config_model_cfg(config_file, opts=()):
     from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
 
     from scalenet_d2.config import add_scalenet_config
 
@@ -56,52 +59,73 @@ def config_model(config_file, opts=(), with_cfg=False):
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg
+
+
+def config_model(config_file, opts=(), with_cfg=False):
+    from detectron2.modeling import build_model
+
+    cfg = config_model_cfg(config_file, opts)
     resolve_allocation(cfg)
     model = build_model(cfg).eval()
     return (model, cfg) if with_cfg else model
 
 
-def inference_runs(model, size, compile_fair):
-    """(label, callable) of each way to run a model's bottom-up backbone in eval at batch 1:
-    "shipped" as users run it by default (ScaleNet: its fast eval path; ResNet: as built),
+def inference_runs(model, size, compile_fair, batch=1, amp=False):
+    """(label, callable) of each way to run a model's bottom-up backbone in eval on `batch` images
+    (with amp, under autocast): "shipped" as users run it by default (ScaleNet: MODEL.SCALENET.FAST_PATH
+    "auto"; ResNet: as built), "on" (ScaleNet with every exact rewrite, FAST_PATH "on"),
     "fair" with the same execution settings on both (norms folded into the convs, channels_last,
     oneDNN's conv kernel on CPU: ScaleNet's default path, profiling.folded_resnet for ResNet),
     "plain" (ScaleNet's plain forward) and, with --compile, "fair, torch.compile"."""
     from scalenet_d2.modeling.scalenet import ScaleNet, set_fast_path
-    from scalenet_d2.utils.profiling import folded_resnet
+    from scalenet_d2.utils.profiling import autocast, folded_resnet
 
     body = getattr(model.backbone, "bottom_up", model.backbone)
-    x = torch.randn(1, 3, *size, device=next(body.parameters()).device)
+    device = next(body.parameters()).device
+    x = torch.randn(batch, 3, *size, device=device)
     x_last = x.contiguous(memory_format=torch.channels_last)
     scalenet = isinstance(body, ScaleNet)
     fair = (copy.deepcopy(body) if scalenet else folded_resnet(body)).to(memory_format=torch.channels_last)
-    runs = [("shipped", lambda: body(x)), ("fair", lambda: fair(x_last))]
+    runs = [("shipped", body, x), ("fair", fair, x_last)]
     if scalenet:
-        plain = set_fast_path(copy.deepcopy(body), "off")
-        runs.append(("plain", lambda: plain(x)))
+        runs.append(("on", set_fast_path(copy.deepcopy(body), "on"), x))
+        runs.append(("plain", set_fast_path(copy.deepcopy(body), "off"), x))
     if compile_fair:
-        compiled = torch.compile(fair)
-        runs.append(("fair, torch.compile", lambda: compiled(x_last)))
-    return runs
+        runs.append(("fair, torch.compile", torch.compile(fair), x_last))
+
+    def call(module, inputs):
+        def run():
+            with autocast(device, amp):
+                return module(inputs)
+
+        return run
+
+    return [(label, call(module, inputs)) for label, module, inputs in runs]
 
 
-def training_runs(config_file, opts, size, batch_size):
+def training_runs(config_file, opts, size, batch_size, amp=False):
     """(label, callable, held bytes) of a whole detector's training step (forward, backward, and
-    the config's SGD) on `batch_size` synthetic images of `size`: "shipped" as built, and "fair"
-    (model in channels_last, the execution setting both families can share in training)."""
+    the config's SGD; with amp, as AMPTrainer) on `batch_size` synthetic images of `size`: "shipped"
+    as built, "fair" (model in channels_last, the execution setting both families can share in
+    training) and, for ScaleNet, "on" and "plain" (MODEL.SCALENET.FAST_PATH on / off)."""
     from detectron2.solver import build_optimizer
 
     from scalenet_d2.utils.profiling import damp_norms, held_bytes, synthetic_detection_batch, training_step
 
     runs = []
-    for label, memory_format in [("shipped", torch.contiguous_format), ("fair", torch.channels_last)]:
-        model, cfg = config_model(config_file, opts, with_cfg=True)
+    variants = [("shipped", torch.contiguous_format, []), ("fair", torch.channels_last, [])]
+    if "SCALENET" in config_model_cfg(config_file, opts).MODEL.BACKBONE.NAME.upper():
+        variants += [(mode, torch.contiguous_format, ["MODEL.SCALENET.FAST_PATH", mode]) for mode in ("on", "off")]
+    for label, memory_format, extra in variants:
+        label = "plain" if label == "off" else label
+        model, cfg = config_model(config_file, list(opts) + extra, with_cfg=True)
         damp_norms(model).to(memory_format=memory_format).train()  # untrained: keep features finite
         optimizer = build_optimizer(cfg, model)
         for group in optimizer.param_groups:  # the first warm-up iteration's: repeated steps on one batch stay finite
             group["lr"] *= cfg.SOLVER.WARMUP_FACTOR
         batch = synthetic_detection_batch(batch_size, *size, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
-        step = training_step(model, optimizer, batch)
+        step = training_step(model, optimizer, batch, amp)
         step()  # creates the gradients and momentum buffers, held from then on
         runs.append((label, step, held_bytes(model, optimizer)))
     return runs
@@ -147,6 +171,7 @@ def print_runs(args, title, runs_per_config, held_per_run, device):
         for ours, theirs in zip(peak, twin_peak):
             row += [f"{ours:.1f}", f"{ours / theirs:.3f}"]
         rows.append(row + [f"{held / 2**20:.1f}"])
+        REPORT.append({"table": title, **dict(zip(header, rows[-1])), "seconds": t})
     print(f"\n{title}\n")
     print("\n".join(format_table(header, rows, args.markdown)))
 
@@ -156,23 +181,25 @@ def print_speed(args, models):
     if args.speed:
         runs_per_config, held = [], []
         for config, model in zip(args.configs, models):
-            runs = inference_runs(model, args.speed, args.compile)
+            runs = inference_runs(model, args.speed, args.compile, args.batch, args.amp)
             runs_per_config.append((config, runs))
             body = getattr(model.backbone, "bottom_up", model.backbone)
             held += [sum(p.numel() * p.element_size() for p in body.parameters())] * len(runs)
         h, w = args.speed
         with torch.no_grad():
-            title = f"Backbone inference: eval forward of the bottom-up network, batch 1 at {h}x{w}"
+            amp = ", AMP" if args.amp else ""
+            title = f"Backbone inference: eval forward of the bottom-up network, batch {args.batch} at {h}x{w}{amp}"
             print_runs(args, title, runs_per_config, held, device)
     if args.train_speed:
         runs_per_config, held = [], []
         for config in args.configs:
-            runs = training_runs(config, args.opts, args.train_speed, args.train_batch)
+            runs = training_runs(config, args.opts, args.train_speed, args.train_batch, args.amp)
             runs_per_config.append((config, [(label, step) for label, step, _ in runs]))
             held += [bytes_held for _, _, bytes_held in runs]
         h, w = args.train_speed
         title = (
             f"Detector training step: forward, backward and SGD of the whole model, batch {args.train_batch} at {h}x{w}"
+            + (", AMP" if args.amp else "")
         )
         print_runs(args, title, runs_per_config, held, device)
     print(
@@ -204,11 +231,20 @@ def main(argv=None):
         "with peak memory",
     )
     parser.add_argument("--train-batch", type=int, default=2, help="images per training step for --train-speed")
+    parser.add_argument("--batch", type=int, default=1, help="images per eval forward for --speed")
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="run --speed / --train-speed under autocast (float16 on CUDA, bfloat16 on CPU)",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write every timed row to this JSON file (a new file)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows to --speed (slow to compile)")
     parser.add_argument("--rounds", type=int, default=10, help="timed calls per run for --speed / --train-speed")
     parser.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1, as MODEL_ZOO.md's CPU figures)")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides for every config")
     args = parser.parse_args(argv)
+    if args.json and os.path.exists(args.json):
+        parser.error(f"--json {args.json}: the file exists; name a new one (a report is never replaced)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -230,6 +266,9 @@ def main(argv=None):
     print(f"\nmeasured by tools/benchmark.py on {machine_description()}")
     if args.speed or args.train_speed:
         print_speed(args, models)
+    if args.json:
+        report = {"machine": machine_description(), "argv": sys.argv[1:], "rows": REPORT}
+        write_atomically({args.json: bytes_writer((json.dumps(report, indent=2) + "\n").encode())})
 
 
 if __name__ == "__main__":
