@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The main demo: ScaleNet vs ResNet detection on the built-in synthetic dataset, on a CPU.
 
-    python tools/run_demo.py            # the demo (minutes; see README, "Built-in synthetic dataset")
+    python tools/run_demo.py            # the demo (minutes; see docs/training.md, "The main job")
     python tools/run_demo.py --quick    # smoke run: a few iterations on the tiny split
 
 It generates the synthetic shapes once (cached, see scalenet_d2/data/synthetic.py), then

@@ -14,7 +14,7 @@ neurons with --init-weights). Checkpoints are published-layout classifier weight
     torchrun --nproc_per_node 8 tools/train_classifier.py /data/imagenet ... --resume
 
 Data: DATA/train/<class>/<image> and optionally DATA/val/<class>/<image> (evaluated after each
-epoch). Pixels are normalised as the converted ImageNet weights expect (see README).
+epoch). Pixels are normalised as the converted ImageNet weights expect (see docs/model.md).
 """
 
 import argparse

@@ -15,7 +15,7 @@ train = model_zoo.get_config("common/train.py").train
 model.roi_heads.update(mask_in_features=None, mask_pooler=None, mask_head=None)
 dataloader.train.mapper.use_instance_mask = False
 
-# the input both families' ImageNet weights expect (README, "Input normalisation"); the
+# the input both families' ImageNet weights expect (docs/model.md, "Converting ImageNet checkpoints"); the
 # test mapper reads the train mapper's format
 model.input_format = "RGB"
 model.pixel_mean = [123.675, 116.28, 103.53]
