@@ -132,6 +132,25 @@ def test_autocast_with_a_grad_scaler_skips_the_same_steps_with_gradients_as_clos
     assert error["on"] <= 1.5 * error["off"] + 1e-6, error
 
 
+def test_float16_weight_gradients_overflow_at_the_same_loss_scales_as_the_plain_forward():
+    # the norms' scales are below 1 (damped): a gradient taken for the folded weight, then scaled,
+    # overflows float16 a loss-scale step earlier than the conv weight's own, and in more convs
+    torch.manual_seed(0)
+    start = random_norms(ScaleNet("scalenet_tiny", norm="FrozenBN", freeze_at=0)).train()
+    x = torch.randn(2, 3, 64, 96)
+    overflowing = {}
+    for mode in ("off", "on"):
+        for exponent in range(6, 13):
+            body = set_fast_path(copy.deepcopy(start), mode)
+            with torch.autocast("cpu", dtype=torch.float16):
+                outputs = body(x)
+            (weighted_sum(outputs) * 2.0**exponent).backward()
+            bad = {name for name, p in body.named_parameters() if not torch.isfinite(p.grad).all()}
+            overflowing[mode, exponent] = bad
+    assert not overflowing["off", 6] and overflowing["off", 12]  # the range crosses the edge
+    assert all(overflowing["on", e] == overflowing["off", e] for e in range(6, 13)), overflowing
+
+
 def test_batch_statistics_of_replicated_branches_are_float32_under_autocast():
     # std 1000: its variance (1e6) overflows float16, and n / (n - 1) is below float16's resolution
     norm = torch.nn.BatchNorm2d(3).train()

@@ -197,26 +197,34 @@ class _FoldedConv(torch.autograd.Function):
     """conv(x, weight * scale) + shift, for a norm whose affine map has no gradient: the backward
     keeps the conv's own weight, not a folded copy of it (recomputed there, one multiply), so that
     training holds no more than the plain forward does. Under autocast, the backward runs in the
-    dtype the conv ran in, and hands back gradients in the inputs' dtypes, as autocast's casts do."""
+    dtype the conv ran in (in float16 in the order of the plain forward's, see below), and hands
+    back gradients in the inputs' dtypes, as autocast's casts do."""
 
     @staticmethod
     def forward(ctx, x, weight, scale, shift, stride: int, padding: int):
         out = conv2d(x, scaled_weight(weight, scale, conv_format(x)), shift, stride, padding)
         ctx.save_for_backward(x, weight, scale)
-        ctx.stride, ctx.padding, ctx.dtype = stride, padding, out.dtype
+        ctx.conv, ctx.dtype = (stride, padding), out.dtype
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, weight, scale = ctx.saved_tensors
-        folded = scaled_weight(weight, scale).to(ctx.dtype)
         needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
-        grad_x, grad_folded = conv2d_backward(
-            grad.to(ctx.dtype), x.to(ctx.dtype), folded, ctx.stride, ctx.padding, needs
-        )
+        grad = grad.to(ctx.dtype)
+        if ctx.dtype == torch.float16:
+            # The folded weight's gradient is the conv weight's divided by the norm's scale: in
+            # float16's range it would overflow first wherever |scale| < 1, and a GradScaler would
+            # skip steps the plain forward takes. Scale the output's gradient, as the norm's backward does.
+            grad = grad * scale.to(ctx.dtype).reshape(-1, 1, 1)
+            grad_x, grad_weight = conv2d_backward(grad, x.to(ctx.dtype), weight.to(ctx.dtype), *ctx.conv, needs)
+        else:  # one multiply of the (small) weight and its gradient instead of one of the output's gradient
+            folded = scaled_weight(weight, scale).to(ctx.dtype)
+            grad_x, grad_weight = conv2d_backward(grad, x.to(ctx.dtype), folded, *ctx.conv, needs)
+            grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype) * scale.reshape(-1, 1, 1, 1)
         grad_x = None if grad_x is None else grad_x.to(x.dtype)
-        grad_weight = None if grad_folded is None else grad_folded.to(weight.dtype) * scale.reshape(-1, 1, 1, 1)
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)  # a no-op but in float16
         return grad_x, grad_weight, None, None, None, None
 
 
