@@ -8,7 +8,9 @@ and when no file in the folder changed (an existing output survives a failed run
 import hashlib
 import importlib.util
 import json
+import os
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +227,37 @@ def _(ws, detector_cfg):
     return lambda: build_model(cfg), ["MODEL.SCALENET.OUT_FEATURES is ['res2', 'res3'] (missing ['res4', 'res5'])"]
 
 
+@case("config: FPN inputs that leave a level the RPN reads")
+def _(ws, detector_cfg):
+    cfg = detector_cfg("fpn")
+    cfg.defrost()
+    cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]  # p3..p6, while the RPN reads p2..p6
+    return lambda: build_model(cfg), [
+        "MODEL.RPN.IN_FEATURES ['p2', 'p3', 'p4', 'p5', 'p6']: ['p2'] not among the FPN's outputs "
+        "['p3', 'p4', 'p5', 'p6']",
+        "expected a subset of",
+    ]
+
+
+@case("config: FPN inputs in reverse order")
+def _(ws, detector_cfg):
+    cfg = detector_cfg("fpn")
+    cfg.defrost()
+    cfg.MODEL.FPN.IN_FEATURES = ["res5", "res4", "res3", "res2"]
+    return lambda: build_model(cfg), [
+        "MODEL.FPN.IN_FEATURES ['res5', 'res4', 'res3', 'res2']: expected consecutive stages in order of stride",
+        "['res2', 'res3', 'res4', 'res5']",
+    ]
+
+
+@case("config: RetinaNet head features the FPN does not give")
+def _(ws, detector_cfg):
+    cfg = detector_cfg("retinanet")
+    cfg.defrost()
+    cfg.MODEL.RETINANET.IN_FEATURES = ["p2", "p3"]
+    return lambda: build_model(cfg), ["MODEL.RETINANET.IN_FEATURES ['p2', 'p3']: ['p2'] not among the FPN's outputs"]
+
+
 @case("backbone: uint8 images")
 def _(ws, detector_cfg):
     body = ScaleNet("scalenet_tiny")
@@ -268,6 +301,24 @@ def _(ws, detector_cfg):
 def _(ws, detector_cfg):
     path = _allocation_with(ws, lambda d: d["stages"][3].update(planes=4_000_000, blocks=[[4_000_000, 0, 0, 0]]))
     return lambda: load_allocation(str(path)), [str(path), "billion conv weights", "expected at most 2 billion"]
+
+
+@case("allocation: row format with sides that grow")
+def _(ws, detector_cfg):
+    rows = load_allocation("scalenet50").to_rows()
+    mirrored = {56: 7, 28: 14, 14: 28, 7: 56}
+    (ws / "rows.json").write_text(json.dumps([row[:4] + [mirrored[row[4]]] for row in rows]))
+    return lambda: load_allocation(str(ws / "rows.json")), [
+        f"{ws / 'rows.json'}: rows 4-7 (res3): side 14; expected 3, half the side 7 of rows 1-3 (res2)"
+    ]
+
+
+@case("allocation: a stage side that does not halve")
+def _(ws, detector_cfg):
+    path = _allocation_with(ws, lambda d: d["stages"][2].update(side=28))
+    return lambda: load_allocation(str(path)), [
+        f"{path}: stages[2] (res4): side 28; expected 14, half the side 28 of stages[1] (res3)"
+    ]
 
 
 @case("allocation: not JSON")
@@ -323,6 +374,43 @@ def _(ws, detector_cfg):
     return lambda: stream[0], ["my_train: cannot load training image", str(broken), "(image_id 7)"]
 
 
+@case("images: a truncated image in an evaluation set")
+def _(ws, detector_cfg):
+    from scalenet_d2.engine import Trainer
+
+    good = ws / "good.jpg"
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(good)
+    broken = ws / "broken.jpg"
+    broken.write_bytes(good.read_bytes()[:200])
+    name = "bad_inputs_truncated_val"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    records = [{"file_name": str(broken), "image_id": 11, "height": 32, "width": 32}]
+    DatasetCatalog.register(name, lambda: records)
+    loader = Trainer.build_test_loader(detector_cfg("fpn"), name)
+    return lambda: next(iter(loader)), [
+        f"dataset '{name}': cannot load evaluation image {broken} (image_id 11): OSError:",
+        "(in DataLoader worker process 0)",  # detector_cfg loads with workers, as COCO configs do
+    ]
+
+
+@case("images: a truncated image in ImageFolder data of train_classifier.py")
+def _(ws, detector_cfg):
+    folder = ws / "data" / "train" / "cat"
+    folder.mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(folder / f"{i}.jpg")
+    broken = folder / "3.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])
+    argv = [str(ws / "data"), "--depth", "50", "--multiplier", "0.05", "--epochs", "1", "--batch-size", "2"]
+    argv += ["--image-size", "32", "--workers", "0", "--output-dir", str(ws.parent / "classifier"), "--device", "cpu"]
+    tool = _tool("train_classifier")
+    return lambda: tool.train_classifier(tool.parse_args(argv)), [
+        f"image {broken} (sample 3 of {folder.parent}) cannot be read: OSError:",
+        "expected an image file PIL can decode",
+    ]
+
+
 # ----------------------------------------------------------------------------- tools
 @case("converter: empty input")
 def _(ws, detector_cfg):
@@ -342,6 +430,29 @@ def _(ws, detector_cfg):
     tool = _tool("convert_scalenet_to_d2")
     action = lambda: tool.convert_published_checkpoint(str(ws / "in.pth"), str(ws / "out.pkl"), allow_pickle=True)  # noqa: E731
     return action, [f"{ws / 'in.pth'} (4000 bytes) is a torch checkpoint that is truncated or corrupt"]
+
+
+@case("converter: integer weights")
+def _(ws, detector_cfg):
+    state = _published_tiny()
+    state["layer2.0.conv1.weight"] = state["layer2.0.conv1.weight"].long()
+    torch.save(state, ws / "in.pth")
+    (ws / "out.pkl").write_bytes(b"an earlier conversion")
+    tool = _tool("convert_scalenet_to_d2")
+    return lambda: tool.convert_published_checkpoint(str(ws / "in.pth"), str(ws / "out.pkl")), [
+        f"{ws / 'in.pth'}: layer2.0.conv1.weight holds torch.int64 values; expected floating-point weights"
+    ]
+
+
+@case("converter: nan weights")
+def _(ws, detector_cfg):
+    state = _published_tiny()
+    state["layer3.0.bn2.1.running_var"][0] = float("nan")
+    torch.save(state, ws / "in.pth")
+    tool = _tool("convert_scalenet_to_d2")
+    return lambda: sys.exit(tool.main([str(ws / "in.pth"), str(ws / "out.pkl")])), [
+        f"{ws / 'in.pth'}: layer3.0.bn2.1.running_var holds nan or inf values; expected finite weights"
+    ]
 
 
 @case("converter: a text file")
@@ -431,3 +542,64 @@ def test_the_corpus_covers_every_class():
     classes = {name.split(":")[0] for name in CASES}
     assert classes >= {"weights", "resume", "config", "backbone", "allocation", "annotations", "images", "converter"}
     assert len(CASES) >= 30
+
+
+def test_boxes_of_negative_size_are_dropped_from_training_and_logged_once_per_dataset(tmp_path, detector_cfg, caplog):
+    from detectron2.data.datasets import register_coco_instances
+
+    from scalenet_d2.data.resumable import build_resumable_train_loader
+
+    images = [{"id": i, "file_name": f"{i}.jpg", "height": 32, "width": 32} for i in (1, 2)]
+    annotations = [
+        {"id": 41, "image_id": 1, "bbox": [2, 2, 10, 10], "category_id": 1, "iscrowd": 0, "area": 100},
+        {"id": 42, "image_id": 1, "bbox": [20, 2, -5, 10], "category_id": 1, "iscrowd": 0, "area": 50},
+        {"id": 43, "image_id": 2, "bbox": [4, 20, 8, -6], "category_id": 1, "iscrowd": 0, "area": 48},
+    ]
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "a"}]}))
+    before = folder_snapshot(tmp_path)
+    name = "bad_inputs_negative_boxes"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_coco_instances(name, {}, str(path), str(tmp_path))
+    cfg = detector_cfg("fpn")
+    cfg.defrost()
+    cfg.DATASETS.TRAIN = (name,)
+    cfg.DATALOADER.NUM_WORKERS = 0
+    with caplog.at_level("WARNING"):
+        loader = build_resumable_train_loader(cfg, seed=0)
+    # image 2 had no other box: dropped, as detectron2 drops images without annotations
+    records = list(loader.stream.dicts)
+    assert [r["image_id"] for r in records] == [1] and [a["bbox"] for a in records[0]["annotations"]] == [
+        [2, 2, 10, 10]
+    ]
+    warnings = [r.getMessage() for r in caplog.records if "negative width or height" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert f"dataset '{name}': dropped 2 boxes with a negative width or height from training" in warnings[0]
+    assert "(first: annotation id 42 of image id 1, bbox [20, 2, -5, 10])" in warnings[0]
+    assert folder_snapshot(tmp_path) == before
+
+
+def test_resuming_a_finished_run_whose_model_final_is_unreadable_writes_it_again(tmp_path):
+    from test_train_net import CONFIG, TINY, train_net
+
+    env = dict(os.environ, SCALENET_D2_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    out = str(tmp_path / "run")
+    # CHECKPOINT_PERIOD 2, MAX_ITER 2: the last iteration writes model_0000001.pth and model_final.pth
+    run = ["--config-file", CONFIG, *TINY, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", out]
+    rc, log = train_net(env, *run)
+    assert rc == 0, log[-3000:]
+    final = os.path.join(out, "model_final.pth")
+    with open(final, "r+b") as f:  # cut short, as a failing disk or a copy interrupted leaves it
+        f.truncate(os.path.getsize(final) // 2)
+    rc, log = train_net(env, "--resume", *run)
+    assert rc == 0, log[-3000:]
+    assert "Resume: skipping model_final.pth" in log
+    assert f"Resume: the run had finished; wrote {final} again from model_0000001.pth" in log
+    with open(os.path.join(out, "last_checkpoint")) as f:
+        assert f.read().strip() == "model_final.pth"
+    rewritten = torch.load(final, map_location="cpu", weights_only=True)
+    last = torch.load(os.path.join(out, "model_0000001.pth"), map_location="cpu", weights_only=True)
+    assert rewritten["iteration"] == 1 and rewritten["model"].keys() == last["model"].keys()
+    assert all(torch.equal(rewritten["model"][k], v) for k, v in last["model"].items())

@@ -76,6 +76,7 @@ class ScaleNetCheckpointer(DetectionCheckpointer):
     def __init__(self, model, save_dir="", *, allow_partial=False, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
         self.allow_partial = allow_partial
+        self.resumed_from = None  # the checkpoint --resume chose (newest_intact_checkpoint)
         self._preloaded = None  # (path, checkpoint) read while choosing what to resume from
 
     # ------------------------------------------------------------------ saving
@@ -148,9 +149,27 @@ class ScaleNetCheckpointer(DetectionCheckpointer):
             if skipped:
                 self.logger.warning(f"Resume: resuming from {path}, the newest intact checkpoint")
             self._preloaded = (path, checkpoint)
+            self.resumed_from = path
             return path
         raise CheckpointMismatchError(
             f"--resume: no intact checkpoint in {self.save_dir}: " + "; ".join(skipped or ["none found"])
+        )
+
+    def rewrite_final(self) -> None:
+        """For a finished run resumed from the checkpoint of its last iteration other than
+        model_final.pth (missing, or unreadable and skipped): model_final.pth written again from
+        it, the same state, so that the run's result and `last_checkpoint` name an intact file."""
+        final = os.path.join(self.save_dir, "model_final.pth")
+        source = self.resumed_from
+        if source is None or source == final or not comm.is_main_process():
+            return
+        with open(source, "rb") as f:
+            data = f.read()
+        write_atomically({final: bytes_writer(data)})
+        self.tag_last_checkpoint("model_final.pth")
+        self.logger.warning(
+            f"Resume: the run had finished; wrote {final} again from {os.path.basename(source)}, the checkpoint of "
+            "its last iteration"
         )
 
     def _read(self, path):

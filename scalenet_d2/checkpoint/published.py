@@ -300,6 +300,15 @@ def convert_published_state_dict(
         if d2_key is None:
             result.dropped_classifier.append((key, _shape(value)))
             continue
+        if not value.is_floating_point():
+            raise CheckpointMismatchError(
+                f"{source}: {key} holds {value.dtype} values; expected floating-point weights (float32 in the release)"
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointMismatchError(
+                f"{source}: {key} holds nan or inf values; expected finite weights (the checkpoint of a diverged "
+                "or corrupted run?)"
+            )
         result.model[d2_key] = value.detach().cpu().numpy()
     return result
 
@@ -341,7 +350,7 @@ def convert_published_checkpoint(
     log(f"  MODEL.SCALENET.ALLOCATION {config_value}")
     for key, value in EXPECTED_INPUT.items():
         log(f"  {key} {value}")
-    log("  (assumed: the release does not state its input normalisation; see README)")
+    log("  (assumed: the release does not state its input normalisation; see docs/model.md)")
     return result
 
 

@@ -24,6 +24,7 @@ import contextlib
 import copy
 import logging
 import random
+import re
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -33,8 +34,12 @@ from detectron2.data.common import AspectRatioGroupedDataset, DatasetFromList
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .boxes import drop_negative_boxes
+
 __all__ = [
     "DatasetError",
+    "image_failure",
+    "NamedMapper",
     "TrainStream",
     "StreamSampler",
     "build_resumable_train_loader",
@@ -45,8 +50,45 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+def without_worker_traceback(message: str, error_name: str) -> str:
+    """The message of an exception raised in a DataLoader worker, without the traceback torch puts
+    before it when it raises it again in the main process (as `error_name`(that text))."""
+    match = re.fullmatch(
+        rf"Caught {error_name} in (DataLoader worker process \d+)\.\nOriginal Traceback.*?", message, re.S
+    )
+    marker = f"{error_name}: "
+    if match is None or marker not in message:
+        return message
+    return f"{message.rsplit(marker, 1)[1].strip()} (in {match.group(1)})"
+
+
 class DatasetError(RuntimeError):
     """A training image or annotation that cannot be used; the message names the file and dataset."""
+
+    def __init__(self, message: str):
+        super().__init__(without_worker_traceback(message, type(self).__name__))
+
+
+def image_failure(names: str, use: str, record: dict, error: Exception) -> str:
+    """What a mapper that failed on a dataset record (a truncated image, ...) tells the user."""
+    return (
+        f"{names}: cannot load {use} image {record.get('file_name', '?')} (image_id {record.get('image_id', '?')}): "
+        f"{type(error).__name__}: {error}. Fix or remove the file, or its annotation entry"
+    )
+
+
+class NamedMapper:
+    """A dataset mapper whose failure on an image raises DatasetError naming the file, its image id
+    and the dataset (detectron2's test loader would pass on PIL's error alone)."""
+
+    def __init__(self, mapper, dataset_name: str, use: str = "evaluation"):
+        self.mapper, self.dataset_name, self.use = mapper, dataset_name, use
+
+    def __call__(self, record: dict):
+        try:
+            return self.mapper(record)
+        except Exception as e:
+            raise DatasetError(image_failure(f"dataset '{self.dataset_name}'", self.use, record, e)) from e
 
 
 @contextlib.contextmanager
@@ -101,11 +143,7 @@ class TrainStream(Dataset):
                 try:
                     sample = self.mapper(record)
                 except Exception as e:
-                    raise DatasetError(
-                        f"{self.names}: cannot load training image {record.get('file_name', '?')} (image_id "
-                        f"{record.get('image_id', '?')}): {type(e).__name__}: {e}. Fix or remove the file, or its "
-                        "annotation entry"
-                    ) from e
+                    raise DatasetError(image_failure(self.names, "training", record, e)) from e
             if sample is not None:
                 return sample
             # the mapper declined this image (as detectron2's MapDataset allows): another one, deterministically
@@ -152,24 +190,27 @@ class StreamSampler(Sampler):
 
 
 def build_resumable_train_loader(cfg, seed: int, start_iter: int = 0, mapper=None):
-    """detectron2's training loader for `cfg`, over a TrainStream from iteration `start_iter`.
+    """detectron2's training loader for `cfg`, over a TrainStream from iteration `start_iter`,
+    without boxes of negative size (boxes.py).
 
     Only for DATALOADER.SAMPLER_TRAIN TrainingSampler (the other samplers are not a plain
     shuffle); with another one this returns detectron2's own loader, which restarts its
     stream on resume (logged)."""
-    if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
-        logger.warning(
-            f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN}: using detectron2's loader, whose data order "
-            "restarts when a run is resumed"
-        )
-        return build_detection_train_loader(cfg, mapper=mapper)
     try:
         args = _train_loader_from_config(cfg, mapper)
     except Exception as e:
         from . import explain_dataset_failure  # the package imports this module
 
         raise explain_dataset_failure(cfg.DATASETS.TRAIN, e) from e
-    return stream_loader(cfg, TrainStream(args["dataset"], args["mapper"], seed, cfg.DATASETS.TRAIN), start_iter)
+    names = cfg.DATASETS.TRAIN
+    dataset = drop_negative_boxes(args["dataset"], names, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+    if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+        logger.warning(
+            f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN}: using detectron2's loader, whose data order "
+            "restarts when a run is resumed"
+        )
+        return build_detection_train_loader(cfg, mapper=args["mapper"], dataset=dataset)
+    return stream_loader(cfg, TrainStream(dataset, args["mapper"], seed, names), start_iter)
 
 
 def stream_loader(cfg, stream: TrainStream, start_iter: int = 0):

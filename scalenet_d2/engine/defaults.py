@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 from detectron2.config import get_cfg
+from detectron2.data import DatasetMapper, build_detection_test_loader
 from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.utils import comm
@@ -23,7 +24,7 @@ from ..atomic import bytes_writer, write_atomically
 from ..checkpoint import ScaleNetCheckpointer
 from ..config import add_scalenet_config
 from ..data import check_datasets, explain_dataset_failure  # importing it registers the synthetic splits
-from ..data.resumable import build_resumable_train_loader, start_iterating, stream_loader
+from ..data.resumable import NamedMapper, build_resumable_train_loader, start_iterating, stream_loader
 from ..evaluation import build_coco_evaluator
 from ..modeling.allocation import BUNDLED_ALLOCATIONS
 from .launch import launch_any
@@ -102,7 +103,7 @@ def resolve_weights(cfg, config_file, eval_only=False):
     raise StartupError(
         f"MODEL.WEIGHTS '{weights}' (set by {config_file}) is not a file; looked for: "
         f"{looked}.\nThese are ImageNet weights converted for detectron2: {how}\n"
-        f"(README, 'Converting ImageNet checkpoints'). Or set {PRETRAINED_ENV}=DIR when they are in DIR/, pass "
+        f"(docs/model.md, 'Converting ImageNet checkpoints'). Or set {PRETRAINED_ENV}=DIR when they are in DIR/, pass "
         f'MODEL.WEIGHTS /path/to/file, or MODEL.WEIGHTS "" to train from scratch.'
     )
 
@@ -338,7 +339,9 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         try:
-            return super().build_test_loader(cfg, dataset_name)
+            return build_detection_test_loader(
+                cfg, dataset_name, mapper=NamedMapper(DatasetMapper(cfg, is_train=False), dataset_name)
+            )
         except Exception as e:
             raise explain_dataset_failure([dataset_name], e, for_training=False) from e
 
@@ -387,6 +390,8 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
+        if resume and self.start_iter == self.max_iter:  # finished: nothing trains that would write model_final
+            self.checkpointer.rewrite_final()
         if self.start_iter == 0:
             return
         for writer in (w for h in self._hooks if isinstance(h, hooks.PeriodicWriter) for w in h._writers):

@@ -268,6 +268,7 @@ class Allocation:
                 _check_widths(w, f"{where} blocks[{b}] (block {expected_name}.{b})") for b, w in enumerate(blocks)
             )
             stages.append(StageAllocation(expected_name, planes, side, widths))
+        _check_halving_sides(stages, [f"stages[{i}] ({stage.name})" for i, stage in enumerate(stages)], source)
         allocation = cls(
             name=data["name"],
             stem_channels=stem_channels,
@@ -300,7 +301,7 @@ class Allocation:
                 f"{source}: {len(rows)} rows; the published format has {', '.join(known[:-1])} or {known[-1]} rows"
             )
         depth, blocks_per_stage = PUBLISHED_LAYOUTS[len(rows)]
-        stages, row_index = [], 0
+        stages, stage_rows, row_index = [], [], 0
         for stage_name, planes, num_blocks in zip(STAGE_NAMES, PUBLISHED_PLANES, blocks_per_stage):
             widths, sides = [], []
             for b in range(num_blocks):
@@ -318,6 +319,9 @@ class Allocation:
                     )
                 sides.append(side)
             stages.append(StageAllocation(stage_name, planes, sides[0], tuple(widths)))
+            first_row = row_index - num_blocks + 1
+            stage_rows.append(f"rows {first_row}-{row_index}" if num_blocks > 1 else f"row {row_index}")
+        _check_halving_sides(stages, [f"{rows} ({stage.name})" for rows, stage in zip(stage_rows, stages)], source)
         allocation = cls(
             name=name,
             stem_channels=PUBLISHED_STEM_CHANNELS,
@@ -381,6 +385,19 @@ def _check_buildable(allocation: "Allocation", source: str) -> None:
             f"{max(s.planes for s in allocation.stages)}); expected at most {MAX_PARAMETERS / 1e9:.0f} billion. "
             "Is a width or planes value mistyped?"
         )
+
+
+def _check_halving_sides(stages: Sequence[StageAllocation], labels: Sequence[str], source: str) -> None:
+    """Each stage's side is half the previous one's (rounded down, as its 2x2 max-pool): the sides
+    fix the branch kernels, so sides in another order would build another network."""
+    for index in range(1, len(stages)):
+        expected = stages[index - 1].side // 2
+        if stages[index].side != expected:
+            raise AllocationError(
+                f"{source}: {labels[index]}: side {stages[index].side}; expected {expected}, half the side "
+                f"{stages[index - 1].side} of {labels[index - 1]} (each stage halves the feature map with a 2x2 "
+                "max-pool: 56, 28, 14, 7 at a 224x224 input)"
+            )
 
 
 def _kind(value) -> str:

@@ -7,7 +7,7 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet
 
 from .allocation import STAGE_NAMES, Allocation, load_allocation
-from .scalenet import fpn_from_cfg
+from .fpn import fpn_from_cfg
 
 __all__ = ["resnet_twin", "build_resnet_twin_fpn_backbone"]
 
@@ -61,4 +61,4 @@ def build_resnet_twin_fpn_backbone(cfg, input_shape):
         stride_in_1x1=cfg.MODEL.RESNETS.STRIDE_IN_1X1,
         in_channels=input_shape.channels,
     )
-    return fpn_from_cfg(cfg, bottom_up, LastLevelMaxPool())
+    return fpn_from_cfg(cfg, bottom_up, LastLevelMaxPool(), "MODEL.RESNETS.OUT_FEATURES")

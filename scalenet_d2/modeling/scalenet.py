@@ -25,14 +25,14 @@ import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
 from detectron2.layers import CNNBlockBase, ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone
-from detectron2.modeling.backbone import FPN
+from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicStem, ResNet
 from torch import nn
 
 from . import fast_paths
 from .allocation import SCALES, STAGE_NAMES, Allocation, branch_kernel_size, load_allocation
+from .fpn import check_body_outputs, fpn_from_cfg
 from .layers import exporting, make_norm, max_pool_clamped, resize_like
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "make_scalenet_stages",
     "set_fast_path",
     "plain_forward",
-    "fpn_from_cfg",
     "build_scalenet_backbone",
     "build_scalenet_fpn_backbone",
     "build_retinanet_scalenet_fpn_backbone",
@@ -315,27 +314,6 @@ def _scalenet_from_cfg(cfg, input_shape: ShapeSpec) -> ScaleNet:
     )
 
 
-def fpn_from_cfg(cfg, bottom_up: Backbone, top_block) -> FPN:
-    """detectron2's FPN on `bottom_up` with the MODEL.FPN settings, as its ResNet builders make it."""
-    return FPN(
-        bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=top_block,
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
-
-
-def _check_fpn_inputs(cfg, required: Sequence[str]) -> None:
-    missing = [name for name in required if name not in cfg.MODEL.SCALENET.OUT_FEATURES]
-    if missing:
-        raise ValueError(
-            f"the FPN needs {list(required)} from the ScaleNet body, but MODEL.SCALENET.OUT_FEATURES is "
-            f"{list(cfg.MODEL.SCALENET.OUT_FEATURES)} (missing {missing}); add them to MODEL.SCALENET.OUT_FEATURES"
-        )
-
-
 @BACKBONE_REGISTRY.register()
 def build_scalenet_backbone(cfg, input_shape: ShapeSpec):
     """ScaleNet body from cfg.MODEL.SCALENET (ALLOCATION, NORM, OUT_FEATURES, FAST_PATH) and BACKBONE.FREEZE_AT."""
@@ -345,15 +323,14 @@ def build_scalenet_backbone(cfg, input_shape: ShapeSpec):
 @BACKBONE_REGISTRY.register()
 def build_scalenet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """FPN with LastLevelMaxPool (P6) on ScaleNet, as detectron2's build_resnet_fpn_backbone."""
-    _check_fpn_inputs(cfg, cfg.MODEL.FPN.IN_FEATURES)
     bottom_up = _scalenet_from_cfg(cfg, input_shape)
-    return fpn_from_cfg(cfg, bottom_up, LastLevelMaxPool())
+    return fpn_from_cfg(cfg, bottom_up, LastLevelMaxPool(), "MODEL.SCALENET.OUT_FEATURES")
 
 
 @BACKBONE_REGISTRY.register()
 def build_retinanet_scalenet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """FPN with P6/P7 from res5 on ScaleNet, as detectron2's build_retinanet_resnet_fpn_backbone."""
-    _check_fpn_inputs(cfg, list(cfg.MODEL.FPN.IN_FEATURES) + ["res5"])
     bottom_up = _scalenet_from_cfg(cfg, input_shape)
-    in_channels_p6p7 = bottom_up.output_shape()["res5"].channels
-    return fpn_from_cfg(cfg, bottom_up, LastLevelP6P7(in_channels_p6p7, cfg.MODEL.FPN.OUT_CHANNELS))
+    check_body_outputs(bottom_up, list(cfg.MODEL.FPN.IN_FEATURES) + ["res5"], "MODEL.SCALENET.OUT_FEATURES")
+    top_block = LastLevelP6P7(bottom_up.output_shape()["res5"].channels, cfg.MODEL.FPN.OUT_CHANNELS)
+    return fpn_from_cfg(cfg, bottom_up, top_block, "MODEL.SCALENET.OUT_FEATURES")

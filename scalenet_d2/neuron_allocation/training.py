@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.datasets import ImageFolder
 
 from ..checkpoint import EXPECTED_INPUT
 from ..checkpoint.classifier import (
@@ -27,6 +28,7 @@ from ..checkpoint.classifier import (
     load_training_state,
     save_classifier_checkpoint,
 )
+from ..data.resumable import without_worker_traceback
 from ..modeling.allocation import load_allocation
 from ..modeling.classification import ScaleNetClassifier
 from .pruning import sa_gamma_l1, seed_allocation
@@ -38,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 class DatasetError(ValueError):
     """A dataset folder that cannot be trained on; the message names the folder and the expected layout."""
+
+    def __init__(self, message: str):
+        super().__init__(without_worker_traceback(message, type(self).__name__))
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -67,9 +72,20 @@ def all_reduce_sum(values, device, world):
 # ----------------------------------------------------------------------------- data
 
 
-def image_folder(root, split, transform):
-    from torchvision.datasets import ImageFolder
+class NamedImageFolder(ImageFolder):
+    """torchvision's ImageFolder whose unreadable image (truncated, not an image) fails naming its file."""
 
+    def __getitem__(self, index):
+        try:
+            return super().__getitem__(index)
+        except Exception as e:
+            raise DatasetError(
+                f"image {self.samples[index][0]} (sample {index} of {self.root}) cannot be read: "
+                f"{type(e).__name__}: {e}; expected an image file PIL can decode. Fix or remove the file"
+            ) from e
+
+
+def image_folder(root, split, transform):
     layout = f"{root}/{split}/<class>/<image> (ImageNet layout: one folder per class)"
     path = os.path.join(root, split)
     if not os.path.isdir(root):
@@ -77,7 +93,7 @@ def image_folder(root, split, transform):
     if not os.path.isdir(path):
         raise DatasetError(f"dataset folder {root} has no '{split}' folder; expected {layout}")
     try:
-        ds = ImageFolder(path, transform)
+        ds = NamedImageFolder(path, transform)
     except (OSError, RuntimeError) as e:  # no class folders, no images, permission denied
         raise DatasetError(f"dataset folder {path} cannot be used: {e}; expected {layout}") from e
     try:
