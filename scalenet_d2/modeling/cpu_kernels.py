@@ -104,9 +104,10 @@ def conv2d_backward(
 
     A 1x1 stride-1 conv on a CPU channels_last map is two matrix products over the pixels, run
     here as such: torch's own backward sends them, on one thread (OMP_NUM_THREADS=1, as torchrun
-    and SLURM set it) and a batch below 16, to its slow reference kernel. Elsewhere torch's."""
+    and SLURM set it) and a batch below 16, to its slow reference kernel. That includes maps whose
+    layout is both formats at once (1x1 pooled maps of small inputs). Elsewhere torch's."""
     one_by_one = weight.shape[-2:] == (1, 1) and stride == 1 and padding == 0
-    if one_by_one and x.device.type == "cpu" and is_channels_last(x):
+    if one_by_one and x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last):
         n, c, height, width = x.shape
         grad = grad.contiguous(memory_format=torch.channels_last)
         rows = grad.permute(0, 2, 3, 1).reshape(n * height * width, -1)  # (pixels, out channels), a view

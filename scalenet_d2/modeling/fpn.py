@@ -2,6 +2,7 @@
 ResNet builders make it, with the checks of those settings against the body and the heads
 that detectron2 leaves to a KeyError or an assertion inside the model."""
 
+import re
 from typing import List
 
 from detectron2.modeling import Backbone
@@ -56,8 +57,13 @@ def check_body_outputs(bottom_up: Backbone, required: List[str], body_features_k
 
 
 def _check_head_features(cfg, outputs: List[str]) -> None:
+    """The heads of cfg's meta-architecture that are set up for an FPN (they read some p<k>) read
+    only levels it gives. A head that reads none (detectron2's default "res4") is not one this
+    config builds on the FPN: e.g. only the backbone is built, for a model of one's own."""
     for head in HEAD_FEATURE_KEYS.get(cfg.MODEL.META_ARCHITECTURE, ()):
         wanted = list(cfg.MODEL[head].IN_FEATURES)
+        if not any(re.fullmatch(r"p\d+", name) for name in wanted):
+            continue
         missing = [name for name in wanted if name not in outputs]
         if missing:
             raise ValueError(
