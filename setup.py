@@ -22,6 +22,7 @@ setup(
         "opencv-python-headless",
         "numpy",
         "matplotlib>=3.3",
+        "scipy",  # Student's t for the intervals of tools/compare.py (utils/statistics.py)
     ],
     extras_require={
         # onnx, onnxruntime: the ONNX export and its check against eager (tests/test_export.py)

@@ -16,6 +16,7 @@ import statistics
 import detectron2
 import detectron2.utils.comm as comm
 import torch
+import yaml
 
 from ..atomic import bytes_writer, write_atomically
 from ..utils.profiling import FLOPS_NOTE, backbone_stats, machine_description, peak_memory
@@ -169,6 +170,7 @@ def load_run(run_dir):
         raise RunRecordError(f'{eval_path}: "results" is {type(results).__name__}; expected an object of metrics')
     # the training run's fields where there was one, else those of --eval-only
     kind = "train" if "train_machine" in info else "eval"
+    config = _read_config(run_dir)
     return {
         "dir": run_dir,
         "config": os.path.basename(info.get(f"{kind}_config_file", "")) or "?",
@@ -184,4 +186,32 @@ def load_run(run_dir):
         "peak_memory_mb": info.get(f"{kind}_peak_memory_mb"),
         "peak_memory_kind": info.get(f"{kind}_peak_memory_kind"),
         "machine": info.get(f"{kind}_machine", "?"),
+        # detectron2's merged config of the run (its config.yaml), flattened: "MODEL.WEIGHTS" -> value
+        "cfg": config,
+        "seed": config.get("SEED") if config is not None else None,
     }
+
+
+def _read_config(run_dir):
+    """The run's config.yaml (written by detectron2's default_setup), flattened; None where absent."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
+        raise RunRecordError(f"{path}: cannot be read as YAML ({e}); expected the config.yaml of a run") from None
+    if not isinstance(data, dict):
+        raise RunRecordError(f"{path}: holds {type(data).__name__}; expected detectron2's config (a mapping)")
+    flat = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(data, "")
+    return flat

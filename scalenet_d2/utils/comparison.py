@@ -1,8 +1,19 @@
 """Tables: detection runs side by side (tools/compare.py, tools/run_demo.py) and benchmark rows."""
 
 import math
+from typing import Dict, List, Sequence
 
-__all__ = ["AP_KEYS", "build_rows", "format_table", "render"]
+__all__ = [
+    "AP_KEYS",
+    "build_rows",
+    "format_table",
+    "render",
+    "TWIN_KEYS",
+    "RUN_KEYS",
+    "ComparisonError",
+    "check_together",
+    "render_arms",
+]
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -96,3 +107,127 @@ def render(runs, names, markdown=False):
     )
     # Markdown: one paragraph per note (a single newline would join them).
     return "\n".join(lines) + "\n\n" + ("\n\n" if markdown else "\n").join(notes)
+
+
+# -- several runs per arm ---------------------------------------------------------------------
+
+# keys in which two arms may differ (the backbone: tests/test_configs.py checks the twins), and
+# those in which any two runs may (where a run is written, with which seed, on which device)
+TWIN_KEYS = ("MODEL.BACKBONE.NAME", "MODEL.RESNETS.", "MODEL.SCALENET.", "MODEL.WEIGHTS")
+RUN_KEYS = ("OUTPUT_DIR", "SEED", "MODEL.DEVICE", "DATALOADER.NUM_WORKERS")
+
+ARM_METRICS = [(f"box {key}", (lambda r, key=key: r["box"].get(key)), 2) for key in AP_KEYS] + [
+    ("train s/iter", lambda r: r["train_s_per_iter"], 3),
+    ("inference s/image", lambda r: r["inference_s_per_image"], 4),
+    ("peak memory (MB)", lambda r: r["peak_memory_mb"], 0),
+]
+
+
+class ComparisonError(ValueError):
+    """Runs that cannot be compared; the message names them and the keys in which they differ."""
+
+
+def _differing(a: dict, b: dict, allowed: Sequence[str]) -> List[str]:
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(tuple(allowed))]
+
+
+def check_together(arms: Dict[str, List[dict]]) -> List[str]:
+    """Raises ComparisonError where runs do not belong together: within an arm, their configs
+    may differ only in RUN_KEYS (the seed, ...); between arms, also in TWIN_KEYS (the backbone).
+    Returns notes on what could not be checked (runs without a config.yaml)."""
+    unchecked = [r["dir"] for runs in arms.values() for r in runs if r.get("cfg") is None]
+    if unchecked:
+        return [f"not checked to be one recipe (no config.yaml): {', '.join(unchecked)}"]
+    reference = next(iter(arms.values()))[0]
+    for name, runs in arms.items():
+        for run in runs:
+            for other, allowed, expected in (
+                (runs[0], RUN_KEYS, f"the config of arm {name}'s first run, but for the seed"),
+                (
+                    reference,
+                    RUN_KEYS + TWIN_KEYS,
+                    f"the first arm's config, but for the seed and {', '.join(TWIN_KEYS)}",
+                ),
+            ):
+                keys = _differing(other["cfg"], run["cfg"], allowed)
+                if keys:
+                    shown = ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
+                    first = f"{keys[0]}: {other['cfg'].get(keys[0])!r} vs {run['cfg'].get(keys[0])!r}"
+                    raise ComparisonError(
+                        f"{run['dir']} and {other['dir']} are not one recipe: they differ in {shown} ({first}); "
+                        f"expected {expected}"
+                    )
+    return []
+
+
+def _paired(first: List[dict], second: List[dict]) -> bool:
+    """Both arms ran the same seeds, each once, all fixed (SEED >= 0)."""
+    seeds = [[r.get("seed") for r in runs] for runs in (first, second)]
+    return all(
+        None not in s and all(isinstance(x, int) and x >= 0 for x in s) and len(set(s)) == len(s) for s in seeds
+    ) and set(seeds[0]) == set(seeds[1])
+
+
+def _cell(summary, digits) -> str:
+    if summary is None:
+        return "-"
+    spread = f" ± {_fmt(summary.sd, digits)}" if summary.sd is not None else ""
+    return f"{_fmt(summary.mean, digits)}{spread} (n={summary.n})"
+
+
+def render_arms(arms: Dict[str, List[dict]], markdown: bool = False) -> str:
+    """Per metric, each arm's mean ± standard deviation (n); for two arms the difference with its
+    95% interval (statistics.py), and a sentence per AP metric. With one run per arm, the table of
+    `render` and a note that no spread is known."""
+    from .statistics import difference, summarize
+
+    notes = check_together(arms)
+    names = list(arms)
+    if all(len(runs) == 1 for runs in arms.values()):
+        text = render([runs[0] for runs in arms.values()], names, markdown)
+        return text + ("\n\n" if markdown else "\n") + "\n".join(notes + [_NO_SPREAD])
+    two = len(arms) == 2
+    paired = two and _paired(*arms.values())
+    header = [""] + [f"{name} mean ± sd (n)" for name in names]
+    if two:
+        header += [f"diff ({names[0]} - {names[1]})", "95% interval", "method"]
+    table, sentences = [], []
+    for label, value, digits in ARM_METRICS:
+        per_arm = [[value(r) for r in runs] for runs in arms.values()]
+        row = [label] + [_cell(summarize(values), digits) for values in per_arm]
+        if two:
+            keyed = [
+                {(r.get("seed") if paired else i): v for i, (r, v) in enumerate(zip(runs, values))}
+                for runs, values in zip(arms.values(), per_arm)
+            ]
+            diff = difference(*keyed, paired=paired)
+            if diff is None:
+                row += ["-", "-", "no spread known (an arm has < 2 runs)"]
+            else:
+                row += [f"{diff.mean:+.{digits}f}", f"[{diff.low:+.{digits}f}, {diff.high:+.{digits}f}]", diff.method]
+                if label.startswith("box "):
+                    sentences.append(_sentence(label, names, diff))
+        table.append(row)
+    notes.append(
+        f"COCO box metrics in % on: {', '.join(sorted({', '.join(r['datasets']) for rs in arms.values() for r in rs}))}"
+    )
+    notes.append("sd = sample standard deviation over an arm's runs (seeds); interval: 95%, Student's t.")
+    lines = format_table(header, table, markdown)
+    return "\n".join(lines) + "\n\n" + ("\n\n" if markdown else "\n").join(sentences + notes)
+
+
+_NO_SPREAD = (
+    "One run per arm: no spread is known. COCO box AP moves by about 0.2-0.3 between identical runs, so a "
+    "difference of that size cannot be told apart; run several seeds and pass them as --arm NAME DIR DIR ..."
+)
+
+
+def _sentence(label: str, names: Sequence[str], diff) -> str:
+    interval = f"[{diff.low:+.2f}, {diff.high:+.2f}]"
+    if diff.includes_zero:
+        return (
+            f"{label}: the 95% interval of {names[0]} - {names[1]}, {interval}, includes 0: these runs do not "
+            f"show a difference in {label} ({diff.method})."
+        )
+    better = names[0] if diff.mean > 0 else names[1]
+    return f"{label}: {better} is higher by {abs(diff.mean):.2f} points, 95% interval {interval} ({diff.method})."

@@ -17,6 +17,7 @@ __all__ = [
     "loss_history",
     "plot_loss_curves",
     "plot_ap_comparison",
+    "plot_arm_spread",
     "load_predictor",
     "draw_predictions",
     "draw_ground_truth",
@@ -119,6 +120,42 @@ def plot_ap_comparison(runs: Sequence[Dict], names: Sequence[str], path: str) ->
     ax.set_ylim(0, 105)
     ax.legend()
     ax.set_title("COCO box AP on the test set")
+    return save_png(path, _figure_png(fig))
+
+
+def plot_arm_spread(arms: Dict[str, List[Dict]], path: str, key: str = "AP") -> str:
+    """Box `key` per arm: each run a point, the arm's mean with its 95% interval (Student's t)."""
+    from .statistics import summarize, t_interval
+
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(arms), 4))
+    for position, (name, runs) in enumerate(arms.items()):
+        values = [r["box"][key] for r in runs if r["box"].get(key) is not None]
+        if not values:
+            raise PictureError(f"arm {name}: no run has a box {key} (eval_results.json); expected evaluated runs")
+        ax.scatter([position] * len(values), values, s=24, alpha=0.7, zorder=3, label="runs" if position == 0 else None)
+        summary = summarize(values)
+        if summary.n > 1:
+            low, high = t_interval(summary)
+            ax.errorbar(
+                position + 0.15,
+                summary.mean,
+                yerr=[[summary.mean - low], [high - summary.mean]],
+                fmt="o",
+                color="black",
+                capsize=5,
+                zorder=4,
+                label="mean, 95% interval" if position == 0 else None,
+            )
+        else:
+            ax.plot(position + 0.15, summary.mean, "o", color="black", zorder=4)
+        ax.annotate(f"{summary.mean:.2f} (n={summary.n})", (position + 0.22, summary.mean), fontsize=8, va="center")
+    ax.set_xticks(range(len(arms)), list(arms))
+    ax.set_xlim(-0.5, len(arms) - 0.2)
+    ax.set_ylabel(f"box {key} (%)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(f"COCO box {key} per run and arm")
     return save_png(path, _figure_png(fig))
 
 
