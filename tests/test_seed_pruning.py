@@ -23,6 +23,7 @@ from scalenet_d2.neuron_allocation.pruning import (
     count_flops,
     count_params,
     inherit_weights,
+    neuron_costs,
     search_flops_target,
     seed_allocation,
     select_block,
@@ -108,6 +109,30 @@ def test_ranking_selects_per_block_not_globally():
 
 
 # ----------------------------------------------------------------------------- budgets
+
+
+def test_cost_exponent_moves_neurons_to_cheaper_scales_and_lowers_flops():
+    seed = seed_allocation("scalenet_tiny", 1.0)
+    gammas = _random_gammas(seed)
+    widths = stage_widths(seed, 1.0)
+    paper = NeuronRanking(seed, gammas)
+    zero = NeuronRanking(seed, gammas, cost_exponent=0.0)
+    assert zero.orders == paper.orders  # exponent 0: |gamma|, bit for bit
+    assert neuron_costs(seed.stages[0]) == (8 * 9 * 56**2, 8 * 9 * 28**2, 8 * 9 * 14**2, 8 * 9 * 8**2)
+    assert neuron_costs(seed.stages[3]) == (64 * 9 * 7**2, 64 * 9 * 3**2, 64 * 9 * 1, 64 * 1)  # 1x1 at 7 / 2**3 <= 1
+    baseline = paper.allocation_for(widths)
+    for exponent in (0.5, 1.0):
+        cheaper = NeuronRanking(seed, gammas, cost_exponent=exponent).allocation_for(widths)
+        for stage, before, after in zip(seed.stages, baseline.stages, cheaper.stages):
+            costs = neuron_costs(stage)
+            for row_before, row_after in zip(before.blocks, after.blocks):
+                assert sum(row_after) == sum(row_before)  # the same neurons per block
+                assert sum(c * n for c, n in zip(costs, row_after)) <= sum(c * n for c, n in zip(costs, row_before))
+        coarse = [sum(row[2] + row[3] for st in a.stages for row in st.blocks) for a in (baseline, cheaper)]
+        assert coarse[1] > coarse[0], (exponent, coarse)  # towards the scale-4 and -7 branches
+        assert count_flops(cheaper) < count_flops(baseline)
+    with pytest.raises(NeuronAllocationError, match=r"cost exponent -1: expected a finite number >= 0"):
+        NeuronRanking(seed, gammas, cost_exponent=-1)
 
 
 def test_width_multiplier_reproduces_published_stage_widths():
@@ -491,6 +516,20 @@ def test_allocate_bad_budget_writes_nothing(trained_seed, tmp_path):
             mp.setattr(sys, "argv", ["allocate.py", *argv])
             runpy.run_path(str(REPO / "tools" / "allocate.py"), run_name="__main__")
     assert os.listdir(tmp_path) == []
+
+
+def test_allocate_records_the_cost_exponent_and_saves_flops_at_the_same_width(trained_seed, tmp_path):
+    ckpt, _ = trained_seed
+    allocate = _tool("allocate")
+    made = {}
+    for exponent in ("0", "1"):
+        path = tmp_path / f"a{exponent}.json"
+        allocate.main([str(ckpt), "--width-multiplier", "1", "--cost-exponent", exponent, "--output", str(path)])
+        made[exponent] = load_allocation(str(path))
+    assert made["0"].provenance["cost_exponent"] == 0.0 and made["1"].provenance["cost_exponent"] == 1.0
+    assert "|gamma| / cost^cost_exponent" in made["1"].provenance["importance"]
+    assert made["1"].provenance["stage_widths"] == made["0"].provenance["stage_widths"]
+    assert made["1"].provenance["flops_224"] < made["0"].provenance["flops_224"]
 
 
 def test_allocate_then_detect_end_to_end(trained_seed, dataset, tmp_path, detector_cfg):

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 r"""Turn a trained over-complete seed ScaleNet into an allocation file (data-driven neuron allocation).
 
-Every block of stage k keeps the N_k SA neurons with the largest |BN gamma|, N_k = ceil(m x planes_k);
+Every block of stage k keeps the N_k SA neurons with the largest |BN gamma| (divided by their cost^A with
+--cost-exponent A), N_k = ceil(m x planes_k);
 the kept count per scale is the block's allocation. Budget: --width-multiplier m (1.36 gives
 ScaleNet-50 widths 88/175/349/697, 1.0 gives ScaleNet-50-light widths 64/128/256/512), or
 --target-gflops G (the largest m whose FLOPs at 224x224 do not exceed G).
@@ -42,6 +43,14 @@ def parse_args(argv=None):
         "--target-gflops", type=float, help="FLOPs budget at 224x224 (multiply-accumulates, like the paper's 3.8 G)"
     )
     p.add_argument(
+        "--cost-exponent",
+        type=float,
+        default=0.0,
+        metavar="A",
+        help="rank neurons by |gamma| / cost^A, cost = a branch neuron's multiply-adds at 224x224; "
+        "0 (default) ranks by |gamma| as the paper; A > 0 favours the cheaper, coarser scales",
+    )
+    p.add_argument(
         "--force",
         action="store_true",
         help="allocate even from a seed whose branch BN gammas are all equal (untrained: the ranking is tie-break order)",
@@ -70,7 +79,12 @@ def main(argv=None):
 
     name = args.name or os.path.splitext(os.path.basename(args.output))[0]
     result = allocate_from_checkpoint(
-        args.seed_checkpoint, args.width_multiplier, args.target_gflops, name=name, force=args.force
+        args.seed_checkpoint,
+        args.width_multiplier,
+        args.target_gflops,
+        name=name,
+        force=args.force,
+        cost_exponent=args.cost_exponent,
     )
     allocation = result.allocation
 

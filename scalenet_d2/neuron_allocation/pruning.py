@@ -41,6 +41,7 @@ from ..modeling.allocation import (
     STAGE_NAMES,
     Allocation,
     StageAllocation,
+    branch_kernel_size,
     load_allocation,
 )
 from ..modeling.classification import ScaleNetClassifier
@@ -49,6 +50,7 @@ from ..modeling.scalenet import plain_forward
 __all__ = [
     "NeuronAllocationError",
     "SEED_BLOCKS",
+    "neuron_costs",
     "TIE_BREAK",
     "seed_allocation",
     "sa_gamma_l1",
@@ -71,6 +73,10 @@ __all__ = [
 
 SEED_BLOCKS = {depth: blocks for depth, blocks in PUBLISHED_LAYOUTS.values()}  # 50/101/152: blocks per stage
 METHOD = "bn-gamma per-block selection"
+IMPORTANCE = (
+    "|gamma| / cost^cost_exponent, cost = a branch neuron's multiply-adds at the 224x224 input "
+    "(planes x kernel^2 x pooled pixels); exponent 0 = |gamma| (the paper)"
+)
 TIE_BREAK = (
     "per block, neurons sorted by |gamma| descending; equal |gamma| -> smaller scale index "
     "(order 1, 2, 4, 7) first, then smaller channel index first"
@@ -140,15 +146,30 @@ def sa_gamma_l1(model: torch.nn.Module) -> torch.Tensor:
 # ----------------------------------------------------------------------------- 4. importance + per-block selection
 
 
-def _block_order(gammas: Sequence[torch.Tensor], where: str) -> List[Tuple[int, int]]:
-    """(scale index, channel) of a block's neurons, most important first; see TIE_BREAK."""
+def neuron_costs(stage: StageAllocation, input_size: int = 224) -> Tuple[int, ...]:
+    """Multiply-adds of one output neuron (channel) of each SA branch of a block of `stage` at the
+    `input_size` input: planes x kernel^2 x the pooled map's pixels (max-pool by the scale, floor,
+    at least 1 pixel; `stage.side` is the block's side at 224, scaled for another input)."""
+    side = stage.side * input_size // 224
+    return tuple(
+        stage.planes * branch_kernel_size(stage.side, i) ** 2 * max(1, side // scale) ** 2
+        for i, scale in enumerate(SCALES)
+    )
+
+
+def _block_order(
+    gammas: Sequence[torch.Tensor], where: str, costs: Sequence[int] = (), cost_exponent: float = 0.0
+) -> List[Tuple[int, int]]:
+    """(scale index, channel) of a block's neurons, most important first; see TIE_BREAK. The
+    importance of a neuron of branch i is |gamma| / costs[i] ** cost_exponent (|gamma| at 0)."""
     entries = []
     for i, g in enumerate(gammas):
         values = g.detach().double().abs().flatten().tolist()
+        divisor = float(costs[i]) ** cost_exponent if cost_exponent else 1.0
         for c, v in enumerate(values):
             if not math.isfinite(v):
                 raise NeuronAllocationError(f"{where}: bn2.{i}.weight[{c}] is {v}; the seed's BN gammas must be finite")
-            entries.append((-v, i, c))
+            entries.append((-v / divisor, i, c))
     entries.sort()  # tuple order = |gamma| desc, scale index asc, channel asc
     return [(i, c) for _, i, c in entries]
 
@@ -175,10 +196,20 @@ def select_block(gammas: Sequence[torch.Tensor], keep: int) -> Tuple[Tuple[int, 
 
 
 class NeuronRanking:
-    """Per-block ranking of a seed's SA neurons by |gamma|; answers "what does keeping N per block give"."""
+    """Per-block ranking of a seed's SA neurons by |gamma| / cost^cost_exponent (`neuron_costs`;
+    the paper ranks by |gamma|, exponent 0); answers "what does keeping N per block give"."""
 
-    def __init__(self, allocation: Allocation, state_dict: Mapping[str, torch.Tensor], source: str = "seed"):
+    def __init__(
+        self,
+        allocation: Allocation,
+        state_dict: Mapping[str, torch.Tensor],
+        source: str = "seed",
+        cost_exponent: float = 0.0,
+    ):
+        if not (isinstance(cost_exponent, (int, float)) and math.isfinite(cost_exponent) and cost_exponent >= 0):
+            raise NeuronAllocationError(f"cost exponent {cost_exponent!r}: expected a finite number >= 0 (0: |gamma|)")
         self.allocation = allocation
+        self.cost_exponent = float(cost_exponent)
         self.blocks: List[Tuple[int, int]] = []  # (stage index, block index) in network order
         self.orders: List[List[Tuple[int, int]]] = []  # per block: (scale index, channel), most important first
         for s, stage in enumerate(allocation.stages):
@@ -197,7 +228,8 @@ class NeuronRanking:
                         )
                     gammas.append(state_dict[key])
                 self.blocks.append((s, b))
-                self.orders.append(_block_order(gammas, f"{source} block {prefix}"))
+                costs = neuron_costs(stage)
+                self.orders.append(_block_order(gammas, f"{source} block {prefix}", costs, self.cost_exponent))
 
     def counts(self, widths_per_stage: Sequence[int]) -> List[Tuple[int, ...]]:
         """Allocation rows (kept count per scale) of every block, keeping N_k per block of stage k."""
@@ -427,6 +459,7 @@ def allocate_from_checkpoint(
     target_gflops: Optional[float] = None,
     name: str = "allocation",
     force: bool = False,
+    cost_exponent: float = 0.0,
 ) -> AllocationResult:
     """Seed checkpoint + budget (exactly one of width_multiplier, target_gflops) -> allocation with provenance.
 
@@ -441,7 +474,9 @@ def allocate_from_checkpoint(
     seed = load_seed_checkpoint(seed_checkpoint)
     if not force:
         _refuse_untrained(seed)
-    ranking = NeuronRanking(seed.allocation, seed.state_dict, source=f"seed checkpoint {seed.path}")
+    ranking = NeuronRanking(
+        seed.allocation, seed.state_dict, source=f"seed checkpoint {seed.path}", cost_exponent=cost_exponent
+    )
     next_step = None
     if width_multiplier is not None:
         sel = select_multiplier(ranking, seed.allocation, width_multiplier, seed.num_classes, 224)
@@ -455,6 +490,8 @@ def allocate_from_checkpoint(
         }
     provenance = {
         "method": METHOD,
+        "importance": IMPORTANCE,
+        "cost_exponent": ranking.cost_exponent,
         "tie_break": TIE_BREAK,
         "seed_checkpoint": os.path.abspath(seed.path),
         "seed_sha256": seed.sha256,
