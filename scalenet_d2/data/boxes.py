@@ -19,16 +19,18 @@ __all__ = ["negative_size", "drop_negative_boxes"]
 
 logger = logging.getLogger(__name__)
 
-_UPRIGHT = (BoxMode.XYXY_ABS, BoxMode.XYWH_ABS)
-
 
 def negative_size(annotation: dict) -> bool:
-    """Whether an annotation's upright box has a negative width or height."""
+    """Whether an annotation's upright box (XYWH_ABS or XYXY_ABS) has a negative width or height.
+    Plain arithmetic: it runs over every training annotation at the start of a run."""
     box, mode = annotation.get("bbox"), annotation.get("bbox_mode")
-    if box is None or len(box) != 4 or mode not in _UPRIGHT:
+    if box is None or len(box) != 4:
         return False
-    x0, y0, x1, y1 = BoxMode.convert(list(box), mode, BoxMode.XYXY_ABS)
-    return x1 < x0 or y1 < y0
+    if mode == BoxMode.XYWH_ABS:
+        return box[2] < 0 or box[3] < 0
+    if mode == BoxMode.XYXY_ABS:
+        return box[2] < box[0] or box[3] < box[1]
+    return False
 
 
 def drop_negative_boxes(dataset_dicts: Sequence[dict], names: Sequence[str], filter_empty: bool) -> List[dict]:
