@@ -21,7 +21,9 @@ S50=configs/COCO-Detection/faster_rcnn_S50_FPN_1x.yaml
   echo '## CUDA tests'
   echo
   echo '```'
-  "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tail -n 5
+  # a failing test must not cost the timings of this (short) GPU session: recorded, then exited with
+  "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider > "$out/cuda_tests.txt" 2>&1 || echo fail > "$out/.tests_failed"
+  tail -n 5 "$out/cuda_tests.txt"
   echo '```'
   for batch in 1 8; do
     for amp in "" --amp; do
@@ -37,3 +39,8 @@ S50=configs/COCO-Detection/faster_rcnn_S50_FPN_1x.yaml
   done
 } 2>&1 | tee "$out/report.md"
 echo "gpu-check: report in $out/report.md"
+if [ -e "$out/.tests_failed" ]; then
+  rm "$out/.tests_failed"
+  echo "gpu-check: CUDA tests failed: $out/cuda_tests.txt" >&2
+  exit 1
+fi
