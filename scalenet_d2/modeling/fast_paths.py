@@ -107,9 +107,8 @@ def body_forward(body: nn.Module, x: torch.Tensor) -> Optional[Dict[str, torch.T
     """ScaleNet.forward on CPU where every block folds: the stem's norm folded too, and the
     features in channels_last, where pooling is 10-20x faster than in NCHW and oneDNN's convs take
     them directly. The outputs come in the input's memory format, as a conv's would (NCHW for
-    detectron2's images), except where autograd records them (training): there they stay
-    channels_last, as an NCHW copy would be kept for the backward beside each one. None where
-    this route does not apply."""
+    detectron2's images), in training too: an FPN fed channels_last maps made the whole training
+    step 1.4x slower on an AVX2 CPU (docs/fast_paths.md). None where this route does not apply."""
     blocks = [block for stage in body.stages for block in stage]
     if not (
         eager_cpu_float(x)
@@ -120,7 +119,7 @@ def body_forward(body: nn.Module, x: torch.Tensor) -> Optional[Dict[str, torch.T
     conv = body.stem.conv1
     stem = conv_norm(to_memory_format(x, torch.channels_last), conv, conv.norm, relu=True)
     outputs = body.run_stages(F.max_pool2d(stem, kernel_size=3, stride=2, padding=1))
-    if any(feature.requires_grad for feature in outputs.values()) or is_channels_last(x):
+    if is_channels_last(x):
         return outputs
     return {name: to_memory_format(feature, torch.contiguous_format) for name, feature in outputs.items()}
 
