@@ -220,10 +220,10 @@ class _FoldedConv(torch.autograd.Function):
             grad_x, grad_weight = conv2d_backward(grad, x.to(ctx.dtype), weight.to(ctx.dtype), *ctx.conv, needs)
         else:  # one multiply of the (small) weight and its gradient instead of one of the output's gradient
             folded = scaled_weight(weight, scale).to(ctx.dtype)
-            grad_x, grad_weight = conv2d_backward(grad, x.to(ctx.dtype), folded, *ctx.conv, needs)
-            grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype) * scale.reshape(-1, 1, 1, 1)
+            grad_x, grad_folded = conv2d_backward(grad, x.to(ctx.dtype), folded, *ctx.conv, needs)
+            grad_weight = None if grad_folded is None else grad_folded * scale.reshape(-1, 1, 1, 1)
         grad_x = None if grad_x is None else grad_x.to(x.dtype)
-        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)  # a no-op but in float16
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         return grad_x, grad_weight, None, None, None, None
 
 

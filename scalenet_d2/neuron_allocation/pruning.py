@@ -146,13 +146,12 @@ def sa_gamma_l1(model: torch.nn.Module) -> torch.Tensor:
 # ----------------------------------------------------------------------------- 4. importance + per-block selection
 
 
-def neuron_costs(stage: StageAllocation, input_size: int = 224) -> Tuple[int, ...]:
+def neuron_costs(stage: StageAllocation) -> Tuple[int, ...]:
     """Multiply-adds of one output neuron (channel) of each SA branch of a block of `stage` at the
-    `input_size` input: planes x kernel^2 x the pooled map's pixels (max-pool by the scale, floor,
-    at least 1 pixel; `stage.side` is the block's side at 224, scaled for another input)."""
-    side = stage.side * input_size // 224
+    224x224 input: planes x kernel^2 x the pooled map's pixels (`stage.side` max-pooled by the
+    scale, floor, at least 1 pixel)."""
     return tuple(
-        stage.planes * branch_kernel_size(stage.side, i) ** 2 * max(1, side // scale) ** 2
+        stage.planes * branch_kernel_size(stage.side, i) ** 2 * max(1, stage.side // scale) ** 2
         for i, scale in enumerate(SCALES)
     )
 

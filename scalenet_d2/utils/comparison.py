@@ -163,9 +163,8 @@ def check_together(arms: Dict[str, List[dict]]) -> List[str]:
 def _paired(first: List[dict], second: List[dict]) -> bool:
     """Both arms ran the same seeds, each once, all fixed (SEED >= 0)."""
     seeds = [[r.get("seed") for r in runs] for runs in (first, second)]
-    return all(
-        None not in s and all(isinstance(x, int) and x >= 0 for x in s) and len(set(s)) == len(s) for s in seeds
-    ) and set(seeds[0]) == set(seeds[1])
+    fixed_and_distinct = all(all(isinstance(x, int) and x >= 0 for x in s) and len(set(s)) == len(s) for s in seeds)
+    return fixed_and_distinct and set(seeds[0]) == set(seeds[1])
 
 
 def _cell(summary, digits) -> str:
