@@ -22,6 +22,7 @@ setup(
         "opencv-python-headless",
         "numpy",
         "matplotlib>=3.3",
+        "submitit>=1.5",  # tools/study.py: SLURM jobs with requeue, and the same jobs on this machine
         "scipy",  # Student's t for the intervals of tools/compare.py (utils/statistics.py)
     ],
     extras_require={

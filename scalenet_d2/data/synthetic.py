@@ -14,9 +14,10 @@ only on ``GENERATOR_VERSION`` and the split's spec. Bump ``GENERATOR_VERSION`` w
 the drawing code changes: the cache directory name contains it and a hash of the spec,
 so a stale cache is never reused.
 
-Box ``area``: the set has no masks, so an annotation's ``area`` is its box area. COCO's
-APs / APm / APl thresholds (32^2, 96^2) then split objects by box size, which is what the
-scale bands below are built around.
+Instance masks: each annotation's ``segmentation`` is the object's visible pixels (its shape
+less the objects drawn over it) as COCO RLE, for Mask R-CNN (``INPUT.MASK_FORMAT: bitmask``).
+``area`` stays the box area: COCO's APs / APm / APl thresholds (32^2, 96^2) then split objects
+by box size for box and mask AP alike, which is what the scale bands below are built around.
 
 This module does not import detectron2, so the data can be generated without it.
 """
@@ -43,7 +44,7 @@ __all__ = [
     "ensure_split",
 ]
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # 3: instance masks (the pixels as in 2)
 CLASSES = ("rectangle", "ellipse", "triangle", "cross")
 CACHE_ENV = "SCALENET_D2_CACHE"
 
@@ -176,8 +177,11 @@ def _background(rng, size):
 def draw_image(spec, index):
     """Draws image ``index`` of a split: returns (HxWx3 uint8 array, list of annotations).
 
-    Each annotation is a dict with category_id (1-based), bbox [x, y, w, h] (COCO), area.
+    Each annotation is a dict with category_id (1-based), bbox [x, y, w, h] (COCO), area,
+    iscrowd and segmentation (the visible pixels, COCO RLE).
     """
+    from pycocotools import mask as mask_util
+
     rng = np.random.RandomState([spec.seed, index])
     size = spec.image_size
     bg, base = _background(rng, size)
@@ -191,7 +195,7 @@ def draw_image(spec, index):
 
     bands = list(SCALE_BANDS)
     probs = [SCALE_PROBS[b] for b in bands]
-    placed, colours, anns = [], [], []  # boxes (x0, y0, x1, y1 exclusive), fills, annotations
+    placed, colours, anns, masks = [], [], [], []  # boxes (x0, y0, x1, y1 exclusive), fills, annotations
     n_target = rng.randint(2, spec.max_objects + 1)
     for _ in range(n_target):
         cls_id = rng.randint(len(CLASSES))
@@ -231,6 +235,10 @@ def draw_image(spec, index):
         bx0, by0, bx1, by1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
         placed.append(cand)
         colours.append(np.array(colour))
+        shape = np.asarray(mask) > 0
+        for earlier in masks:  # this shape hides what it is drawn over
+            earlier &= ~shape
+        masks.append(shape)
         anns.append(
             {
                 "category_id": cls_id + 1,
@@ -239,6 +247,10 @@ def draw_image(spec, index):
                 "iscrowd": 0,
             }
         )
+
+    for ann, visible in zip(anns, masks):
+        rle = mask_util.encode(np.asfortranarray(visible.astype(np.uint8)))
+        ann["segmentation"] = {"size": [size, size], "counts": rle["counts"].decode("ascii")}
 
     img = np.asarray(canvas).astype(np.float32)
     img += rng.normal(0, rng.uniform(4, 12), size=img.shape)
@@ -265,7 +277,7 @@ def generate_split(name, out_dir):
             "description": f"scalenet_d2 synthetic shapes, split {name}",
             "generator_version": GENERATOR_VERSION,
             "spec": asdict(spec),
-            "area": "box area (the set has no masks)",
+            "area": "box area (segmentation: the visible pixels, COCO RLE)",
         },
         "images": images,
         "annotations": annotations,

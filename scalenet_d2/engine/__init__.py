@@ -1,5 +1,6 @@
 """What train_net.py uses, for reuse in your own entry points: start-up checks and the trainer
-(defaults.py), launching also on CPU-only machines (launch.py), and run records (run_record.py)."""
+(defaults.py), launching also on CPU-only machines (launch.py), run records (run_record.py) and
+studies of configs over seeds through submitit (study.py)."""
 
 from .defaults import (
     PRETRAINED_ENV,
@@ -17,3 +18,4 @@ from .defaults import (
 )
 from .launch import launch_any
 from .run_record import RunRecordError, load_run, write_run_record
+from .study import StudyError, TrainRun, launch_study, load_manifest, plan_study, write_statistics

@@ -348,7 +348,9 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return build_coco_evaluator(dataset_name, output_dir=output_folder)
+        # the tasks from the config, so that mask AP is reported (as NaN) even with no detections
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        return build_coco_evaluator(dataset_name, output_dir=output_folder, tasks=tasks)
 
     def build_hooks(self):
         self.checkpointer = ScaleNetCheckpointer(

@@ -137,13 +137,14 @@ def backbone_arch(cfg):
     return cfg.MODEL.BACKBONE.NAME
 
 
-def _box_metrics(results):
-    """The bbox metrics of the first test set; eval_results.json holds one set or several."""
-    if "bbox" in results:
-        return results["bbox"]
+def _task_metrics(results, task="bbox"):
+    """The metrics of `task` (bbox, segm) on the first test set; eval_results.json holds one set
+    or several."""
+    if task in results:
+        return results[task]
     for value in results.values():
-        if isinstance(value, dict) and "bbox" in value:
-            return value["bbox"]
+        if isinstance(value, dict) and task in value:
+            return value[task]
     return {}
 
 
@@ -175,7 +176,8 @@ def load_run(run_dir):
         "dir": run_dir,
         "config": os.path.basename(info.get(f"{kind}_config_file", "")) or "?",
         "backbone": info.get("backbone_arch") or info.get("backbone", "?"),
-        "box": _box_metrics(results),
+        "box": _task_metrics(results, "bbox"),
+        "mask": _task_metrics(results, "segm"),  # Mask R-CNN; empty for box-only detectors
         "datasets": evals.get("datasets", []),
         "params": info.get("backbone_params"),
         "flops": info.get("backbone_flops", {}),

@@ -34,6 +34,9 @@ def build_rows(runs):
     rows = [("config", [r["config"] for r in runs], None), ("backbone", [r["backbone"] for r in runs], None)]
     for key in AP_KEYS:
         rows.append((f"box {key}", [r["box"].get(key) for r in runs], 1))
+    if any(r.get("mask") for r in runs):
+        for key in AP_KEYS:
+            rows.append((f"mask {key}", [r["mask"].get(key) for r in runs], 1))
     rows.append(("backbone params (M)", [r["params"] / 1e6 if r["params"] else None for r in runs], "g"))
     sizes = []
     for r in runs:
@@ -95,7 +98,8 @@ def render(runs, names, markdown=False):
     notes = []
     datasets = {", ".join(r["datasets"]) for r in runs}
     if len(datasets) == 1:
-        notes.append(f"COCO box metrics in % on: {datasets.pop() or '?'}")
+        kinds = "box and mask" if any(r.get("mask") for r in runs) else "box"
+        notes.append(f"COCO {kinds} metrics in % on: {datasets.pop() or '?'}")
     machines = {r["machine"] for r in runs}
     if len(machines) == 1:
         notes.append(f"machine: {machines.pop()}")
@@ -116,7 +120,9 @@ def render(runs, names, markdown=False):
 TWIN_KEYS = ("MODEL.BACKBONE.NAME", "MODEL.RESNETS.", "MODEL.SCALENET.", "MODEL.WEIGHTS")
 RUN_KEYS = ("OUTPUT_DIR", "SEED", "MODEL.DEVICE", "DATALOADER.NUM_WORKERS")
 
-ARM_METRICS = [(f"box {key}", (lambda r, key=key: r["box"].get(key)), 2) for key in AP_KEYS] + [
+ARM_METRICS = [(f"box {key}", (lambda r, key=key: r["box"].get(key)), 2) for key in AP_KEYS]
+MASK_METRICS = [(f"mask {key}", (lambda r, key=key: r.get("mask", {}).get(key)), 2) for key in AP_KEYS]
+ARM_METRICS += [
     ("train s/iter", lambda r: r["train_s_per_iter"], 3),
     ("inference s/image", lambda r: r["inference_s_per_image"], 4),
     ("peak memory (MB)", lambda r: r["peak_memory_mb"], 0),
@@ -191,7 +197,9 @@ def render_arms(arms: Dict[str, List[dict]], markdown: bool = False) -> str:
     if two:
         header += [f"diff ({names[0]} - {names[1]})", "95% interval", "method"]
     table, sentences = [], []
-    for label, value, digits in ARM_METRICS:
+    with_masks = any(r.get("mask") for runs in arms.values() for r in runs)
+    metrics = ARM_METRICS[: len(AP_KEYS)] + (MASK_METRICS if with_masks else []) + ARM_METRICS[len(AP_KEYS) :]
+    for label, value, digits in metrics:
         per_arm = [[value(r) for r in runs] for runs in arms.values()]
         row = [label] + [_cell(summarize(values), digits) for values in per_arm]
         if two:
@@ -204,11 +212,12 @@ def render_arms(arms: Dict[str, List[dict]], markdown: bool = False) -> str:
                 row += ["-", "-", "no spread known (an arm has < 2 runs)"]
             else:
                 row += [f"{diff.mean:+.{digits}f}", f"[{diff.low:+.{digits}f}, {diff.high:+.{digits}f}]", diff.method]
-                if label.startswith("box "):
+                if label.startswith(("box ", "mask ")):
                     sentences.append(_sentence(label, names, diff))
         table.append(row)
+    kinds = "box and mask" if with_masks else "box"
     notes.append(
-        f"COCO box metrics in % on: {', '.join(sorted({', '.join(r['datasets']) for rs in arms.values() for r in rs}))}"
+        f"COCO {kinds} metrics in % on: {', '.join(sorted({', '.join(r['datasets']) for rs in arms.values() for r in rs}))}"
     )
     notes.append("sd = sample standard deviation over an arm's runs (seeds); interval: 95%, Student's t.")
     lines = format_table(header, table, markdown)
