@@ -27,6 +27,7 @@ from scalenet_d2.engine.run_record import RunRecordError
 from scalenet_d2.engine.study import (
     MANIFEST,
     StudyError,
+    check_launcher,
     check_same_study,
     launch_study,
     load_manifest,
@@ -70,6 +71,7 @@ def main(argv=None):
 
     folder = os.path.abspath(args.output_dir)
     try:
+        check_launcher(args.launcher)  # before a new study's folder is made
         if os.path.isfile(os.path.join(folder, MANIFEST)):
             manifest = load_manifest(folder)
             if args.configs or args.seeds or args.opts or args.names:

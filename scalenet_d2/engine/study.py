@@ -38,6 +38,7 @@ __all__ = [
     "write_manifest",
     "check_same_study",
     "run_finished",
+    "check_launcher",
     "make_executor",
     "launch_study",
     "write_statistics",
@@ -245,6 +246,14 @@ class TrainRun:
 # -- launching --------------------------------------------------------------------------------
 
 
+def check_launcher(launcher: str) -> None:
+    """Raises StudyError where `launcher` cannot submit from this machine."""
+    if launcher not in ("local", "slurm"):
+        raise StudyError(f"launcher {launcher!r}; expected 'slurm' or 'local'")
+    if launcher == "slurm" and shutil.which("srun") is None:
+        raise StudyError("launcher 'slurm': no srun on this machine; expected a SLURM login node (or --launcher local)")
+
+
 def make_executor(launcher: str, folder: str, params: Dict):
     """A submitit executor. params: num_gpus, nodes, timeout_min, cpus_per_task, mem_gb, and
     for SLURM partition, account, qos, constraint, max_num_timeout (requeues on timeout).
@@ -252,6 +261,7 @@ def make_executor(launcher: str, folder: str, params: Dict):
     without limit, as submitit does."""
     import submitit
 
+    check_launcher(launcher)
     logs = os.path.join(folder, "submitit")
     if launcher == "local":
         executor = submitit.LocalExecutor(logs, max_num_timeout=params.get("max_num_timeout", 3))
@@ -259,10 +269,6 @@ def make_executor(launcher: str, folder: str, params: Dict):
             timeout_min=params["timeout_min"], gpus_per_node=params["num_gpus"] if _has_cuda() else 0
         )
         return executor
-    if launcher != "slurm":
-        raise StudyError(f"launcher {launcher!r}; expected 'slurm' or 'local'")
-    if shutil.which("srun") is None:
-        raise StudyError("launcher 'slurm': no srun on this machine; expected a SLURM login node (or --launcher local)")
     executor = submitit.SlurmExecutor(logs, max_num_timeout=params.get("max_num_timeout", 3))
     slurm = {
         "job_name": params.get("job_name", "scalenet_d2_study"),
