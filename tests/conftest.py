@@ -11,6 +11,35 @@ from scalenet_d2.utils.profiling import damp_norms  # noqa: F401  shared with th
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# train_net.py overrides: the tiny synthetic split, 2 images per iteration, a checkpoint every 2
+TINY_TRAIN = [
+    "DATASETS.TRAIN",
+    '("synthetic_shapes_tiny_train",)',
+    "DATASETS.TEST",
+    '("synthetic_shapes_tiny_val",)',
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.WARMUP_ITERS",
+    "2",
+    "SOLVER.STEPS",
+    "()",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "2",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The environment of a test module's train_net.py / tools subprocesses: a dataset cache of
+    its own, and one thread each (more threads than free cores slows small CPU models a lot)."""
+    e = dict(os.environ)
+    e["SCALENET_D2_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    e["OMP_NUM_THREADS"] = "1"
+    e["PYTHONWARNINGS"] = "ignore"
+    return e
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:

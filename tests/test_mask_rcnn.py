@@ -92,15 +92,6 @@ def test_synthetic_masks_are_the_visible_pixels_of_each_shape():
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e["SCALENET_D2_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    e["OMP_NUM_THREADS"] = "1"
-    e["PYTHONWARNINGS"] = "ignore"
-    return e
-
-
-@pytest.fixture(scope="module")
 def mask_runs(env, tmp_path_factory):
     runs = {}
     for name in ("mask_rcnn_S50_FPN_1x", "mask_rcnn_R50_FPN_1x"):

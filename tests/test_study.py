@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from conftest import TINY_TRAIN
 
 from scalenet_d2.engine.study import (
     MANIFEST,
@@ -28,33 +29,7 @@ STUDY = os.path.join(REPO, "tools", "study.py")
 TRAIN_NET = os.path.join(REPO, "train_net.py")
 CONFIGS = ["configs/Synthetic/faster_rcnn_Stiny_FPN.yaml", "configs/Synthetic/faster_rcnn_Rtiny_FPN.yaml"]
 ARMS = ["faster_rcnn_Stiny_FPN", "faster_rcnn_Rtiny_FPN"]
-TINY = [
-    "DATASETS.TRAIN",
-    '("synthetic_shapes_tiny_train",)',
-    "DATASETS.TEST",
-    '("synthetic_shapes_tiny_val",)',
-    "DATALOADER.NUM_WORKERS",
-    "0",
-    "SOLVER.IMS_PER_BATCH",
-    "2",
-    "SOLVER.WARMUP_ITERS",
-    "2",
-    "SOLVER.STEPS",
-    "()",
-    "SOLVER.CHECKPOINT_PERIOD",
-    "2",
-    "SOLVER.MAX_ITER",
-    "16",
-]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e["SCALENET_D2_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    e["OMP_NUM_THREADS"] = "1"
-    e["PYTHONWARNINGS"] = "ignore"
-    return e
+TINY = TINY_TRAIN + ["SOLVER.MAX_ITER", "16"]
 
 
 def study(env, folder, *args, timeout=600):

@@ -13,35 +13,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TINY_TRAIN as TINY
 from conftest import folder_snapshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/Synthetic/faster_rcnn_Stiny_FPN.yaml"
-TINY = [
-    "DATASETS.TRAIN",
-    '("synthetic_shapes_tiny_train",)',
-    "DATASETS.TEST",
-    '("synthetic_shapes_tiny_val",)',
-    "DATALOADER.NUM_WORKERS",
-    "0",
-    "SOLVER.IMS_PER_BATCH",
-    "2",
-    "SOLVER.WARMUP_ITERS",
-    "2",
-    "SOLVER.STEPS",
-    "()",
-    "SOLVER.CHECKPOINT_PERIOD",
-    "2",
-]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e["SCALENET_D2_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    e["OMP_NUM_THREADS"] = "1"  # more threads than free cores slows small CPU models a lot
-    e["PYTHONWARNINGS"] = "ignore"
-    return e
 
 
 def train_net(env, *args, timeout=400):
