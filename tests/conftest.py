@@ -1,5 +1,7 @@
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,19 @@ TINY_TRAIN = [
     "SOLVER.CHECKPOINT_PERIOD",
     "2",
 ]
+
+
+def train_net(env, *args, timeout=400):
+    """Runs train_net.py from the repository root: (exit code, stdout + stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "train_net.py", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import damp_norms
+from conftest import damp_norms, train_net
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import SimpleTrainer
 from omegaconf import OmegaConf
@@ -96,15 +96,8 @@ def mask_runs(env, tmp_path_factory):
     runs = {}
     for name in ("mask_rcnn_S50_FPN_1x", "mask_rcnn_R50_FPN_1x"):
         out = str(tmp_path_factory.mktemp(name))
-        proc = subprocess.run(
-            [sys.executable, "train_net.py", "--config-file", M + name + ".yaml", *SMALL, "OUTPUT_DIR", out],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        rc, log = train_net(env, "--config-file", M + name + ".yaml", *SMALL, "OUTPUT_DIR", out, timeout=600)
+        assert rc == 0, log[-3000:]
         runs[name] = out
     return runs
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, train_net
 
 from scalenet_d2.engine.study import (
     MANIFEST,
@@ -115,15 +115,8 @@ def test_preempted_job_is_requeued_and_ends_as_if_never_stopped(finished_study, 
 
     # the same run, never stopped
     whole = str(tmp_path / "whole")
-    proc = subprocess.run(
-        [sys.executable, TRAIN_NET, "--config-file", CONFIGS[0], *TINY, "SEED", "1", "OUTPUT_DIR", whole],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rc, log = train_net(env, "--config-file", CONFIGS[0], *TINY, "SEED", "1", "OUTPUT_DIR", whole, timeout=600)
+    assert rc == 0, log[-3000:]
     a, b = _weights(os.path.join(whole, "model_final.pth")), _weights(os.path.join(victim, "model_final.pth"))
     assert a.keys() == b.keys()
     differing = [k for k in a if not torch.equal(a[k], b[k])]

@@ -9,22 +9,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 from conftest import TINY_TRAIN as TINY
-from conftest import folder_snapshot
+from conftest import folder_snapshot, train_net
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/Synthetic/faster_rcnn_Stiny_FPN.yaml"
-
-
-def train_net(env, *args, timeout=400):
-    proc = subprocess.run(
-        [sys.executable, "train_net.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    return proc.returncode, proc.stdout + proc.stderr
 
 
 def metrics(out):
