@@ -11,11 +11,12 @@ setup:
 demo: setup
 	$(PY) tools/run_demo.py $(ARGS)
 
-# lint and format check (ruff), then the test suite
+# lint and format check (ruff), then the test suite on every core (pytest-xdist; a module's tests
+# share one worker, so its module fixtures are built once)
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest tests $(ARGS)
+	$(PY) -m pytest tests -n auto --dist loadfile --durations=10 $(ARGS)
 
 # A 20-second smoke run of the main job (a few iterations on a tiny split).
 demo-quick: setup

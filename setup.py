@@ -1,15 +1,28 @@
 #!/usr/bin/env python
+import re
+
 from setuptools import find_packages, setup
+
+
+def get_version():
+    """The version, defined once: scalenet_d2/__init__.py's __version__."""
+    with open("scalenet_d2/__init__.py", encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
 
 setup(
     name="scalenet_d2",
-    version="0.1.0",
+    version=get_version(),
     description="ScaleNet (Li et al., CVPR 2019) backbones for detectron2",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.8",
     packages=find_packages(include=["scalenet_d2", "scalenet_d2.*"]),
-    package_data={"scalenet_d2": ["allocations/*.json", "allocations/*.md"]},
+    # model_zoo/configs links to the repository's configs/: a wheel holds a copy (scalenet_d2.model_zoo)
+    package_data={
+        "scalenet_d2": ["allocations/*.json", "allocations/*.md"],
+        "scalenet_d2.model_zoo": ["configs/*.yaml", "configs/**/*.yaml", "configs/**/*.py"],
+    },
     # detectron2 is deliberately absent: it is not on PyPI, GPU users build it from source
     # for their CUDA, and tools/setup_env.sh installs a CPU fallback only where none exists.
     install_requires=[
@@ -26,7 +39,8 @@ setup(
         "scipy",  # Student's t for the intervals of tools/compare.py (utils/statistics.py)
     ],
     extras_require={
-        # onnx, onnxruntime: the ONNX export and its check against eager (tests/test_export.py)
-        "dev": ["pytest>=7", "pytest-timeout", "ruff==0.17.6", "onnx", "onnxruntime"],
+        # onnx, onnxruntime: the ONNX export and its check against eager (tests/test_export.py);
+        # pytest-xdist: make test runs the suite on every core
+        "dev": ["pytest>=7", "pytest-timeout", "pytest-xdist", "ruff==0.17.6", "onnx", "onnxruntime"],
     },
 )

@@ -6,6 +6,8 @@ and build_resnet_twin_fpn_backbone (detectron2's ResNet in the layout of an allo
 Call `add_scalenet_config(cfg)` before merging a config that uses MODEL.SCALENET.
 """
 
+__version__ = "0.1.0"  # the one place the version is defined (setup.py reads it)
+
 from .checkpoint import (
     EXPECTED_INPUT,
     CheckpointMismatchError,
@@ -36,6 +38,7 @@ from .modeling import (
 )
 
 __all__ = [
+    "__version__",
     "add_scalenet_config",
     "load_allocation",
     "Allocation",

@@ -14,7 +14,7 @@ def add_scalenet_config(cfg):
     MODEL.SCALENET.OUT_FEATURES: which of res2..res5 the body returns (as RESNETS.OUT_FEATURES).
     MODEL.SCALENET.NORM: FrozenBN (default), BN, SyncBN, GN, or any norm detectron2's get_norm takes.
     MODEL.SCALENET.FAST_PATH: which forward runs (docs/fast_paths.md): "auto" (default: the exact
-        rewrites on CPU, the plain forward on CUDA until measured faster there), "on" (the exact
+        rewrites on CPU but for small inputs, the plain forward on CUDA until measured faster there), "on" (the exact
         rewrites on every device) or "off" (the plain forward, as the paper writes it).
     MODEL.SCALENET.ALLOW_PARTIAL_WEIGHTS: False (default): loading weights that leave a backbone
         body tensor (ScaleNet's, or the ResNet twin's) unloaded or unused is an error; True

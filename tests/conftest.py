@@ -13,6 +13,14 @@ from scalenet_d2.utils.profiling import damp_norms  # noqa: F401  shared with th
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+
+def pytest_configure(config):
+    # pytest-xdist workers share the cores: more torch threads than that slows small CPU ops many times over
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 # train_net.py overrides: the tiny synthetic split, 2 images per iteration, a checkpoint every 2
 TINY_TRAIN = [
     "DATASETS.TRAIN",

@@ -61,6 +61,20 @@ def test_auto_takes_the_rewrites_on_cpu_and_the_plain_forward_on_cuda():
         ScaleNet("scalenet_tiny", fast_path="fast")
 
 
+def test_auto_runs_small_cpu_inputs_plain_and_large_ones_by_the_rewrites():
+    body = random_norms(ScaleNet("scalenet_tiny", norm="FrozenBN")).eval()
+    stem = body.stem.conv1.out_channels
+    small = torch.randn(1, 3, 64, 96)
+    large = torch.randn(1, 3, 512, fast_paths.AUTO_CPU_MIN_WORK // (stem * 512))  # just at the bound
+    with torch.no_grad():
+        for x, route, other in ((small, "off", "on"), (large, "on", "off")):
+            assert fast_paths.small_cpu_call(set_fast_path(body, "auto"), x) == (route == "off")
+            auto, same, different = (set_fast_path(body, mode)(x) for mode in ("auto", route, other))
+            assert all(torch.equal(auto[k], same[k]) for k in auto), route
+            assert not all(torch.equal(auto[k], different[k]) for k in auto)  # the routes round differently
+    assert not fast_paths.small_cpu_call(set_fast_path(body, "on"), small)
+
+
 def test_fast_path_config_key_reaches_every_block(detector_cfg):
     from detectron2.layers import ShapeSpec
     from detectron2.modeling import build_backbone
@@ -236,48 +250,38 @@ def test_the_export_operators_pass_opcheck(memory_format):
         )
 
 
-def test_folded_weights_are_kept_until_a_weight_or_statistic_changes():
+def test_every_write_to_weights_or_statistics_reaches_the_next_folded_forward():
+    # Folded weights are computed at every call. Writes that torch's version counters miss (fused
+    # optimizer steps, writes through .data) and BN's own statistics update must change the next output.
     torch.manual_seed(0)
-    body = random_norms(ScaleNet("scalenet_tiny", norm="FrozenBN", freeze_at=0)).eval()
-    x = torch.randn(1, 3, 64, 96)
-    conv = body.res3[0].conv1
+    body = random_norms(ScaleNet("scalenet_tiny", norm="BN", freeze_at=0))
+    x = torch.randn(2, 3, 64, 96)
 
     def check():
+        body.eval()
         with torch.no_grad():
             fast, plain = set_fast_path(body, "on")(x), set_fast_path(body, "off")(x)
         assert all(relative_error(fast[k], plain[k]) <= 1e-5 for k in plain)
         return fast
 
-    with torch.no_grad():
-        first = body(x)
-        kept = conv.__dict__["_folded_weights"][1]
-        assert all(torch.equal(first[k], body(x)[k]) for k in first)
-        assert conv.__dict__["_folded_weights"][1] is kept  # reused, not recomputed
-    # load_state_dict: other weights (and other statistics) copied in place
-    other = random_norms(ScaleNet("scalenet_tiny", norm="FrozenBN", freeze_at=0), seed=1)
+    first = check()
+    other = random_norms(ScaleNet("scalenet_tiny", norm="BN", freeze_at=0), seed=1)
     body.load_state_dict(other.state_dict())
-    changed = check()
-    assert not torch.equal(changed["res5"], first["res5"])
-    # an optimizer step on the weights
-    body.train()
-    optimizer = torch.optim.SGD(body.parameters(), lr=0.5)
-    weighted_sum(body(x)).backward()
-    optimizer.step()
-    body.eval()
-    stepped = check()
-    assert not torch.equal(stepped["res5"], changed["res5"])
-    # copy_ into a frozen norm's statistics, and into a conv weight
+    loaded = check()
+    assert not torch.equal(loaded["res5"], first["res5"])
+    optimizer = torch.optim.SGD(body.parameters(), lr=0.5, momentum=0.9, fused=True)
+    for _ in range(2):  # two fused steps, which leave the parameters' versions unchanged
+        body.train()
+        optimizer.zero_grad()
+        weighted_sum(set_fast_path(body, "on")(x)).backward()
+        optimizer.step()
+        stepped = check()
+        assert not torch.equal(stepped["res5"], loaded["res5"])
+        loaded = stepped
+    body.train()  # BN's running statistics, updated by a training forward alone
     with torch.no_grad():
-        body.res3[0].bn1.running_var.copy_(body.res3[0].bn1.running_var * 2)
-        conv.weight.copy_(conv.weight.flip(0))
-    copied = check()
-    assert not torch.equal(copied["res3"], stepped["res3"])
-    # a write through .data bypasses torch's version counters: clear_folded_weights
-    conv.weight.data.mul_(3)
-    fast_paths.clear_folded_weights(body)
-    check()
-    # where a gradient reaches the weights, nothing is kept
-    body.train().zero_grad()
-    fast_paths.clear_folded_weights(body)
-    body(x)
-    assert "_folded_weights" not in conv.__dict__
+        body(x * 3 + 1)
+    updated = check()
+    assert not torch.equal(updated["res3"], stepped["res3"])
+    body.res3[0].conv1.weight.data.mul_(3)  # a write through .data
+    assert not torch.equal(check()["res3"], updated["res3"])

@@ -9,6 +9,15 @@ from detectron2.modeling import build_model
 from scalenet_d2 import ScaleNet
 from scalenet_d2.modeling.export import export_body, export_body_onnx
 
+# Tracing a whole detector meets detectron2's and torchvision's shape checks, which the trace keeps
+# as constants (what the tests below check is that the result holds at other sizes); the legacy
+# ONNX exporter that export_body_onnx uses is deprecated.
+pytestmark = [
+    pytest.mark.filterwarnings(r"ignore::torch.jit.TracerWarning:(detectron2|torchvision|torch)(\.|$)"),
+    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning:torch.onnx"),
+]
+
 EXAMPLE = (256, 320)
 # other sizes: larger, not multiples of 32, tiny (maps of 1 pixel, -inf padding), very wide and tall
 SIZES = [(256, 352), (288, 384), (96, 1000), (1000, 17), (33, 47), (5, 7), (1, 1)]

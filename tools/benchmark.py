@@ -5,7 +5,7 @@
         configs/COCO-Detection/faster_rcnn_R50_FPN_1x.yaml --sizes 224x224 800x1344 --markdown
 
     python tools/benchmark.py configs/COCO-Detection/faster_rcnn_R50_FPN_1x.yaml \
-        configs/COCO-Detection/faster_rcnn_S50_FPN_1x.yaml --sizes 224x224 --speed 800x1344 \
+        configs/COCO-Detection/faster_rcnn_S50_FPN_1x.yaml --sizes 224x224 --speed 160x160 800x1344 \
         --train-speed 512x768 --threads 1
 
 Models are built without loading weights (they change neither params, FLOPs nor speed), on
@@ -158,7 +158,8 @@ def print_runs(args, title, runs_per_config, held_per_run, device):
     header.append("held MiB")
     rows = []
     for (config, label), t, peak, held in zip(labels, seconds, peaks, held_per_run):
-        twin_time, twin_peak = twin.get(label, (float("nan"), [float("nan")] * len(measures)))
+        # ResNet has one forward: ScaleNet's "on" and "plain" rows compare with it as shipped
+        twin_time, twin_peak = twin.get(label, twin["shipped"])
         median = statistics.median(t)
         row = [
             config,
@@ -178,14 +179,14 @@ def print_runs(args, title, runs_per_config, held_per_run, device):
 
 def print_speed(args, models):
     device = next(models[0].parameters()).device
-    if args.speed:
+    for size in args.speed or []:
         runs_per_config, held = [], []
         for config, model in zip(args.configs, models):
-            runs = inference_runs(model, args.speed, args.compile, args.batch, args.amp)
+            runs = inference_runs(model, size, args.compile, args.batch, args.amp)
             runs_per_config.append((config, runs))
             body = getattr(model.backbone, "bottom_up", model.backbone)
             held += [sum(p.numel() * p.element_size() for p in body.parameters())] * len(runs)
-        h, w = args.speed
+        h, w = size
         with torch.no_grad():
             amp = ", AMP" if args.amp else ""
             title = f"Backbone inference: eval forward of the bottom-up network, batch {args.batch} at {h}x{w}{amp}"
@@ -204,7 +205,8 @@ def print_speed(args, models):
         print_runs(args, title, runs_per_config, held, device)
     print(
         f"\n{device}, {args.rounds} interleaved rounds after one warm-up, torch threads {torch.get_num_threads()}, "
-        f"torch {torch.__version__}. Ratios are to the first config (the twin). Peaks: memory at its highest during "
+        f"torch {torch.__version__}. Ratios are to the first config (the twin): to its run of the same name, else "
+        "(ScaleNet's on and plain, which ResNet has not) to its shipped run. Peaks: memory at its highest during "
         "one more, untimed, call, with what is held between calls (held: weights; in training also gradients and SGD "
         "momentum); GPU: "
         "torch.cuda.max_memory_allocated; CPU: the resident set (RSS, what the C allocator holds too) and the "
@@ -220,8 +222,9 @@ def main(argv=None):
     parser.add_argument(
         "--speed",
         type=parse_size,
+        nargs="+",
         metavar="HxW",
-        help="also time each backbone's eval forward at this input (shipped, fair, plain), with peak memory",
+        help="also time each backbone's eval forward at these inputs (shipped, fair, on, plain), with peak memory",
     )
     parser.add_argument(
         "--train-speed",

@@ -7,7 +7,8 @@
 It generates the synthetic shapes once (cached, see scalenet_d2/data/synthetic.py), then
 trains and evaluates a tiny ScaleNet-FPN and its ResNet twin from scratch with train_net.py,
 one after the other, showing detectron2's progress lines (iteration, losses, ETA), and ends
-with tools/compare.py's table (also OUTPUT/comparison.md) and pictures, named at the end:
+with tools/compare.py's table and the trained backbones' speed at the demo's image size and at a
+COCO-sized input (both also in OUTPUT/comparison.md), and pictures, named at the end:
 OUTPUT/loss_curves.png (both runs' training loss), OUTPUT/ap_comparison.png and
 OUTPUT/detections.png (validation images: ground truth and both models' detections).
 OUTPUT is output/demo (output/demo_quick with --quick), or output/demo-2, -3, ... when that
@@ -22,10 +23,12 @@ import subprocess
 import sys
 import time
 
+import torch
+
 from scalenet_d2.atomic import bytes_writer, write_atomically
 from scalenet_d2.data.synthetic import ensure_split
 from scalenet_d2.engine.run_record import load_run
-from scalenet_d2.utils.comparison import render
+from scalenet_d2.utils.comparison import format_table, render
 from scalenet_d2.utils.pictures import (
     draw_ground_truth,
     draw_predictions,
@@ -35,6 +38,7 @@ from scalenet_d2.utils.pictures import (
     read_rgb,
     side_by_side,
 )
+from scalenet_d2.utils.profiling import eval_seconds, machine_description
 
 # train_net.py and the configs sit beside tools/ in the project's checkout
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +59,8 @@ QUICK_OPTS = [
     "SOLVER.STEPS",
     "()",
 ]
+# the backbone speed rows: the demo's image size and an 800x1333 COCO image padded to a multiple of 32
+SPEED_SIZES = ((160, 160), (800, 1344))
 # What the console shows of a run; everything goes to OUTPUT/<run>/console.log.
 SHOW = re.compile(r"eta: |Starting training|Overall training speed|Total inference|Traceback|Error|error:")
 BOX_TABLE = "Evaluation results for bbox"  # shown with the 3 lines of its table
@@ -69,15 +75,28 @@ def fresh_output_dir(base):
     return candidate
 
 
-def make_pictures(out_dir, run_dirs, names, runs, split, images=4):
+def backbone_speed_table(predictors, names, rounds, markdown=False):
+    """The trained bodies' eval forward at the demo's image size and at a COCO-sized input, batch 1,
+    against the twin: the detector's own inference time at 160x160 is mostly what is not the body."""
+    bodies = [p.model.backbone.bottom_up for p in predictors]
+    seconds = eval_seconds(bodies, SPEED_SIZES, rounds)
+    header = ["backbone eval forward, batch 1", *(f"{n} s" for n in names), f"{names[0]} / {names[1]}"]
+    rows = [
+        [f"{h}x{w}{note}", *(f"{t:.4f}" for t in seconds[(h, w)]), f"{seconds[(h, w)][0] / seconds[(h, w)][1]:.2f}"]
+        for (h, w), note in zip(SPEED_SIZES, (" (the demo's images)", " (a COCO image, padded)"))
+    ]
+    note = (
+        f"median of {rounds} interleaved rounds after a warm-up, torch threads {torch.get_num_threads()}; "
+        f"{machine_description()}"
+    )
+    return "\n".join(format_table(header, rows, markdown)) + "\n\n" + note
+
+
+def make_pictures(out_dir, run_dirs, names, runs, predictors, split, images=4):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     loss = plot_loss_curves(run_dirs, names, os.path.join(out_dir, "loss_curves.png"))
     ap = plot_ap_comparison(runs, names, os.path.join(out_dir, "ap_comparison.png"))
-    predictors = [
-        load_predictor(os.path.join(d, "config.yaml"), os.path.join(d, "model_final.pth"), ["MODEL.DEVICE", "cpu"])
-        for d in run_dirs
-    ]
     metadata = MetadataCatalog.get(split)
     rows = []
     for record in DatasetCatalog.get(split)[:images]:
@@ -162,14 +181,21 @@ def main(argv=None):
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     run_dirs = [run_one(name, config, args.output_dir, extra, env) for name, config in RUNS]
 
-    print(f"\n=== ScaleNet vs ResNet on the synthetic shapes (total {time.time() - start:.0f} s)\n")
     runs, names = [load_run(d) for d in run_dirs], [n for n, _ in RUNS]
+    predictors = [
+        load_predictor(os.path.join(d, "config.yaml"), os.path.join(d, "model_final.pth"), ["MODEL.DEVICE", "cpu"])
+        for d in run_dirs
+    ]
+    torch.set_num_threads(args.threads)
+    rounds = 3 if args.quick else 7
+    print(f"\n=== ScaleNet vs ResNet on the synthetic shapes (total {time.time() - start:.0f} s)\n")
     print(render(runs, names))
-    md = render(runs, names, markdown=True)
+    print("\n" + backbone_speed_table(predictors, names, rounds))
+    md = render(runs, names, markdown=True) + "\n\n" + backbone_speed_table(predictors, names, rounds, markdown=True)
     write_atomically({os.path.join(args.output_dir, "comparison.md"): bytes_writer((md + "\n").encode("utf-8"))})
     print(f"\n(Markdown version: {os.path.join(args.output_dir, 'comparison.md')})")
     print("\nPictures:")
-    for path in make_pictures(args.output_dir, run_dirs, names, runs, splits[1]):
+    for path in make_pictures(args.output_dir, run_dirs, names, runs, predictors, splits[1]):
         print(f"  {path}")
 
 

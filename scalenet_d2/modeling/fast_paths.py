@@ -9,12 +9,13 @@ Routes, by `fast_path` mode (MODEL.SCALENET.FAST_PATH, `ScaleNet(fast_path=...)`
 | "on" | any | all frozen (FrozenBN; BN or SyncBN in eval) | folded (`forward_folded`) |
 | "on" | any | an SA branch is BatchNorm2d with batch statistics | pooled BN (`forward_pooled_bn`) |
 | "on" | any | otherwise (GN, SyncBN in training, ...) | plain |
-| "auto" | CPU | | as "on"; float32 eager forwards of a folded body run channels_last with oneDNN convs (cpu_kernels.py) |
+| "auto" | CPU | | as "on"; float32 eager forwards of a folded body run channels_last with oneDNN convs (cpu_kernels.py); plain for a body's small inputs (`small_cpu_call`) |
 | "auto" | CUDA, other | | plain, until a GPU measurement shows a route faster there (docs/fast_paths.md) |
 
 TorchScript always compiles the plain forward. Traced, compiled and exported graphs, which must
 hold for every input size, take the shape-independent parts of a route (every branch resized
-and concatenated, no Python-side caches).
+and concatenated). Folded weights are computed at every call, never kept: a kept copy would cost
+the body's weights once more in memory and would have to notice every write to its sources.
 
 Every rewrite is exact up to float rounding:
 - a norm with frozen statistics is a per-channel affine map, folded into the conv before it; a
@@ -28,7 +29,9 @@ Every rewrite is exact up to float rounding:
   value appears equally often), the unbiased running variance apart, which is corrected.
 """
 
-from typing import Dict, List, Optional, Tuple
+import contextlib
+import contextvars
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +54,8 @@ __all__ = [
     "block_route",
     "block_forward",
     "body_forward",
+    "small_cpu_call",
+    "AUTO_CPU_MIN_WORK",
     "forward_folded",
     "forward_pooled_bn",
     "frozen_statistics",
@@ -67,9 +72,37 @@ __all__ = [
 PLAIN, FOLDED, POOLED_BN = "plain", "folded", "pooled_bn"
 
 
+# "auto" on CPU runs a body's plain forward where its input has fewer than this many values at the
+# stem's width (N x H x W x stem channels): there oneDNN's fixed cost per conv call (about 0.1 ms,
+# against 0.02-0.04 ms for torch's own small convs) and folding the weights at every call outweigh
+# what the rewrites save. Measured crossovers (tools/benchmark.py --speed, MODEL_ZOO.md): about
+# 260x260 for ScaleNet-50 (stem 64) and 512x512 for scalenet_tiny (stem 16) at batch 1, on an AVX2 CPU.
+AUTO_CPU_MIN_WORK = 2**22
+
+# set while a body runs its small-input plain forward: its "auto" blocks take the plain route too
+_PLAIN_BLOCKS = contextvars.ContextVar("scalenet_d2_plain_blocks", default=False)
+
+
+@contextlib.contextmanager
+def _plain_blocks() -> Iterator[None]:
+    token = _PLAIN_BLOCKS.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN_BLOCKS.reset(token)
+
+
 def rewrites_enabled(mode: str, x: torch.Tensor) -> bool:
     """Whether `mode` lets a forward on x take the exact rewrites (see the table above)."""
     return mode == "on" or (mode == "auto" and x.device.type == "cpu")
+
+
+def small_cpu_call(body: nn.Module, x: torch.Tensor) -> bool:
+    """Whether "auto" runs the body's plain forward on x: an eager CPU call below AUTO_CPU_MIN_WORK."""
+    if body.fast_path != "auto" or x.device.type != "cpu" or in_graph():
+        return False
+    n, _, height, width = x.shape
+    return n * height * width * body.stem.conv1.out_channels < AUTO_CPU_MIN_WORK
 
 
 def frozen_statistics(norm: nn.Module) -> bool:
@@ -85,6 +118,8 @@ def _batch_statistics(norm: nn.Module) -> bool:
 def block_route(block: nn.Module, x: torch.Tensor) -> str:
     """Which forward the SA block runs on x: PLAIN, FOLDED or POOLED_BN (the table above)."""
     if not rewrites_enabled(block.fast_path, x):
+        return PLAIN
+    if block.fast_path == "auto" and not in_graph() and _PLAIN_BLOCKS.get():
         return PLAIN
     if all(frozen_statistics(norm) for norm in block.norms()):
         return FOLDED
@@ -104,11 +139,21 @@ def block_forward(block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def body_forward(body: nn.Module, x: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
-    """ScaleNet.forward on CPU where every block folds: the stem's norm folded too, and the
-    features in channels_last, where pooling is 10-20x faster than in NCHW and oneDNN's convs take
-    them directly. The outputs come in the input's memory format, as a conv's would (NCHW for
-    detectron2's images), in training too: an FPN fed channels_last maps made the whole training
-    step 1.4x slower on an AVX2 CPU (docs/fast_paths.md). None where this route does not apply."""
+    """ScaleNet.forward by the body's route, or None where each block chooses its own (the loop of
+    detectron2's ResNet).
+
+    - "auto" on CPU, small inputs (`small_cpu_call`): the plain forward, every "auto" block included.
+    - On CPU where every block folds: the stem's norm folded too, and the features in channels_last,
+      where pooling is 10-20x faster than in NCHW and oneDNN's convs take them directly. The outputs
+      come in the input's memory format, as a conv's would (NCHW for detectron2's images), in training
+      too: an FPN fed channels_last maps made the whole training step 1.4x slower on an AVX2 CPU
+      (docs/fast_paths.md). Each output is converted once the next stage has read it, so that only one
+      stage's output exists in both formats at once."""
+    if small_cpu_call(body, x):
+        with _plain_blocks():
+            return body.run_stages(body.stem(x))
+    if not rewrites_enabled(body.fast_path, x):
+        return None
     blocks = [block for stage in body.stages for block in stage]
     if not (
         eager_cpu_float(x)
@@ -117,11 +162,20 @@ def body_forward(body: nn.Module, x: torch.Tensor) -> Optional[Dict[str, torch.T
     ):
         return None
     conv = body.stem.conv1
-    stem = conv_norm(to_memory_format(x, torch.channels_last), conv, conv.norm, relu=True)
-    outputs = body.run_stages(F.max_pool2d(stem, kernel_size=3, stride=2, padding=1))
+    features = conv_norm(to_memory_format(x, torch.channels_last), conv, conv.norm, relu=True)
+    features = F.max_pool2d(features, kernel_size=3, stride=2, padding=1)
     if is_channels_last(x):
-        return outputs
-    return {name: to_memory_format(feature, torch.contiguous_format) for name, feature in outputs.items()}
+        return body.run_stages(features)
+    outputs: Dict[str, torch.Tensor] = {}
+    name = "stem"
+    for next_name, stage in zip(body.stage_names, body.stages):
+        next_features = stage(features)
+        if name in body._out_features:
+            outputs[name] = to_memory_format(features, torch.contiguous_format)
+        features, name = next_features, next_name
+    if name in body._out_features:
+        outputs[name] = to_memory_format(features, torch.contiguous_format)
+    return outputs
 
 
 # -- norms folded into convs ----------------------------------------------------------------
@@ -155,41 +209,6 @@ def scaled_weight(
         weight.shape, dtype=torch.result_type(weight, scale), device=weight.device, memory_format=memory_format
     )
     return torch.mul(weight, scale, out=out)
-
-
-def _fold_sources(conv: nn.Conv2d, norm: nn.Module) -> List[torch.Tensor]:
-    return [t for t in (conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var) if t is not None]
-
-
-def folded_weights(
-    conv: nn.Conv2d, norm: nn.Module, memory_format: torch.memory_format
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """fold_norm(conv, norm), the weight in `memory_format`. Where no gradient reaches them (eval,
-    frozen stages) they are kept on the conv and reused while every tensor they come from is the
-    same tensor at the same version: any in-place write that torch records (load_state_dict,
-    optimizer steps, copy_, in-place ops) or a new tensor recomputes them. Writes through `.data`
-    are invisible to torch's version counters: after them, call `clear_folded_weights(model)`."""
-    sources = _fold_sources(conv, norm)
-    cacheable = not in_graph() and not (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
-    if cacheable:
-        key = (memory_format, norm.eps, torch.is_inference_mode_enabled()) + tuple(
-            (t._version, t.data_ptr(), t.dtype, t.device) for t in sources
-        )
-        cached = conv.__dict__.get("_folded_weights")
-        if cached is not None and cached[0] == key:
-            return cached[1], cached[2]
-    scale, shift = norm_affine(norm)
-    weight = scaled_weight(conv.weight, scale, memory_format)
-    if cacheable:
-        conv.__dict__["_folded_weights"] = (key, weight, shift)
-    return weight, shift
-
-
-def clear_folded_weights(model: nn.Module) -> nn.Module:
-    """Drop the folded weights kept by `folded_weights` (after writes through `.data`)."""
-    for module in model.modules():
-        module.__dict__.pop("_folded_weights", None)
-    return model
 
 
 class _FoldedConv(torch.autograd.Function):
@@ -242,8 +261,8 @@ def conv_norm(
         scale, shift = norm_affine(norm)
         if not (scale.requires_grad or shift.requires_grad):
             return add_relu(_FoldedConv.apply(x, conv.weight, scale, shift, stride, padding), relu, add, into_add)
-    weight, shift = folded_weights(conv, norm, conv_format(x))
-    return conv2d(x, weight, shift, stride, padding, relu, add, into_add)
+    scale, shift = norm_affine(norm)
+    return conv2d(x, scaled_weight(conv.weight, scale, conv_format(x)), shift, stride, padding, relu, add, into_add)
 
 
 # -- pooling --------------------------------------------------------------------------------

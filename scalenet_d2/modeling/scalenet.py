@@ -47,7 +47,7 @@ __all__ = [
     "build_retinanet_scalenet_fpn_backbone",
 ]
 
-# which forward runs (fast_paths.py): "auto" by device, "on" every exact rewrite, "off" the plain one
+# which forward runs (fast_paths.py): "auto" by device and input size, "on" every exact rewrite, "off" the plain one
 FAST_PATH_MODES = ("auto", "on", "off")
 
 
@@ -265,7 +265,7 @@ class ScaleNet(ResNet):
         self.register_forward_pre_hook(_check_images)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """detectron2's ResNet.forward (on CPU, `fast_paths.body_forward` where it applies)."""
+        """detectron2's ResNet.forward (`fast_paths.body_forward` where the body's route applies)."""
         if not torch.jit.is_scripting():
             fast = self._fast_forward(x)
             if fast is not None:
@@ -285,12 +285,14 @@ class ScaleNet(ResNet):
 
     @torch.jit.unused
     def _fast_forward(self, x: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
-        return fast_paths.body_forward(self, x) if fast_paths.rewrites_enabled(self.fast_path, x) else None
+        return fast_paths.body_forward(self, x)
 
 
 def _check_images(body: ScaleNet, inputs: Tuple[torch.Tensor]) -> None:
     """A clear error for what ResNet's forward would fail on deep inside a conv."""
     x = inputs[0]
+    if torch.jit.is_tracing():  # a trace would record these checks as constants of its first input
+        return
     if x.dim() != 4 or x.shape[1] != body.stem.in_channels or x.shape[-2] == 0 or x.shape[-1] == 0:
         raise ValueError(
             f"ScaleNet takes images of shape (N, {body.stem.in_channels}, H, W) with H, W >= 1; "

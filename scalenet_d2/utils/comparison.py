@@ -55,11 +55,20 @@ def build_rows(runs):
         ims, procs = next(iter(batch))
         label += f" ({ims} img/iter, {procs} proc)"
     rows.append((label, [r["train_s_per_iter"] for r in runs], 3))
-    rows.append(("inference s/image", [r["inference_s_per_image"] for r in runs], 4))
+    test_sizes = {_test_size(r) for r in runs}
+    size = f" at test size {test_sizes.pop()}" if len(test_sizes) == 1 and None not in test_sizes else ""
+    rows.append((f"inference s/image (whole detector{size})", [r["inference_s_per_image"] for r in runs], 4))
     kinds = {r["peak_memory_kind"] for r in runs if r["peak_memory_kind"]}
     mem_label = "peak memory (MB)" + (f" [{kinds.pop()}]" if len(kinds) == 1 else "")
     rows.append((mem_label, [r["peak_memory_mb"] for r in runs], 0))
     return rows
+
+
+def _test_size(run):
+    """detectron2's test resize of a run, as "shorter side/longest side" (e.g. 800/1333); None where unknown."""
+    cfg = run.get("cfg") or {}
+    shorter, longest = cfg.get("INPUT.MIN_SIZE_TEST"), cfg.get("INPUT.MAX_SIZE_TEST")
+    return None if shorter is None or longest is None else f"{shorter}/{longest}"
 
 
 def format_table(header, rows, markdown=False):

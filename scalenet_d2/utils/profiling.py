@@ -6,6 +6,7 @@ import os
 import platform
 import resource
 import socket
+import statistics
 import time
 
 import torch
@@ -14,10 +15,12 @@ from torch import nn
 
 __all__ = [
     "machine_description",
+    "cpu_instruction_sets",
     "peak_memory",
     "backbone_stats",
     "folded_resnet",
     "time_interleaved",
+    "eval_seconds",
     "peak_bytes",
     "tensor_peak_bytes",
     "synthetic_detection_batch",
@@ -30,6 +33,23 @@ __all__ = [
 FLOPS_NOTE = "fvcore FlopCountAnalysis of the bottom-up backbone (no FPN), batch 1; 1 fused multiply-add = 1 flop"
 
 
+# /proc/cpuinfo flags that decide which oneDNN kernels run (and so CPU speed ratios)
+_ISA_FLAGS = (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX-512 BF16", "avx512_bf16"), ("AMX", "amx_tile"))
+
+
+def cpu_instruction_sets() -> str:
+    """The instruction sets oneDNN's kernels depend on, present or not, e.g. "AVX2 yes, AVX-512 no,
+    AVX-512 BF16 no, AMX no; torch CPU kernels: AVX2" (flags from /proc/cpuinfo, where Linux has it)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return f"instruction sets unknown; torch CPU kernels: {capability}"
+    found = ", ".join(f"{name} {'yes' if flag in flags else 'no'}" for name, flag in _ISA_FLAGS)
+    return f"{found}; torch CPU kernels: {capability}"
+
+
 def machine_description():
     cpu = platform.processor() or platform.machine()
     try:
@@ -37,7 +57,10 @@ def machine_description():
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    desc = f"CPU: {cpu}, {os.cpu_count()} logical cores (torch threads: {torch.get_num_threads()})"
+    desc = (
+        f"CPU: {cpu} ({cpu_instruction_sets()}), {os.cpu_count()} logical cores "
+        f"(torch threads: {torch.get_num_threads()})"
+    )
     if torch.cuda.is_available():
         desc = f"GPU: {torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}; {desc}"
     return f"{desc}; host {socket.gethostname()}"
@@ -192,6 +215,22 @@ def time_interleaved(runs, rounds, device):
             run()
             times.append(time.perf_counter() - start)
     return seconds
+
+
+def eval_seconds(modules, sizes, rounds, batch=1):
+    """{(H, W): [median seconds per module]} of each module's eval forward without autograd on
+    `batch` random images of each size, the modules timed in interleaved rounds (time_interleaved)."""
+    found = {}
+    for height, width in sizes:
+        calls = []
+        for module in modules:
+            device = next(module.parameters()).device
+            x = torch.randn(batch, 3, height, width, device=device)
+            calls.append(lambda module=module, x=x: module(x))
+        with torch.no_grad():
+            seconds = time_interleaved(calls, rounds, device)
+        found[(height, width)] = [statistics.median(t) for t in seconds]
+    return found
 
 
 def _resident_bytes(field):
