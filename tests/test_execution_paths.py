@@ -66,12 +66,19 @@ def test_auto_runs_small_cpu_inputs_plain_and_large_ones_by_the_rewrites():
     stem = body.stem.conv1.out_channels
     small = torch.randn(1, 3, 64, 96)
     large = torch.randn(1, 3, 512, fast_paths.AUTO_CPU_MIN_WORK // (stem * 512))  # just at the bound
+    last = torch.channels_last
     with torch.no_grad():
         for x, route, other in ((small, "off", "on"), (large, "on", "off")):
             assert fast_paths.small_cpu_call(set_fast_path(body, "auto"), x) == (route == "off")
-            auto, same, different = (set_fast_path(body, mode)(x) for mode in ("auto", route, other))
-            assert all(torch.equal(auto[k], same[k]) for k in auto), route
+            auto = set_fast_path(body, "auto")(x)
+            # small: the plain forward on channels_last maps (without autograd), outputs in NCHW
+            same = set_fast_path(body, route)(x.contiguous(memory_format=last) if route == "off" else x)
+            different = set_fast_path(body, other)(x)
+            assert all(auto[k].is_contiguous() and torch.equal(auto[k], same[k]) for k in auto), route
             assert not all(torch.equal(auto[k], different[k]) for k in auto)  # the routes round differently
+    # with autograd, small inputs take the plain forward in NCHW
+    auto, plain = set_fast_path(body, "auto")(small), set_fast_path(body, "off")(small)
+    assert all(torch.equal(auto[k], plain[k]) for k in auto)
     assert not fast_paths.small_cpu_call(set_fast_path(body, "on"), small)
 
 
@@ -238,6 +245,31 @@ def test_compiled_forwards_equal_the_plain_forward_in_training_and_eval():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_one_compiled_graph_serves_every_input_size(mode):
+    # detectron2's images vary in size: shape tests of the resizes would make a graph per size
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    body = random_norms(ScaleNet("scalenet_tiny", norm="FrozenBN", freeze_at=0, fast_path=mode))
+    sizes = [(64, 96), (72, 100), (80, 116), (96, 128), (100, 150), (112, 84), (120, 160), (128, 136), (66, 70)]
+    sizes.append((140, 98))
+    for training in (True, False):
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(body.train(training), backend=counter, dynamic=True)
+        for height, width in sizes:
+            x = torch.randn(2, 3, height, width)
+            with torch.set_grad_enabled(training):
+                outputs = compiled(x)
+                if training:
+                    weighted_sum(outputs).backward()
+                expected = set_fast_path(copy.deepcopy(body), "off")(x)
+            assert all(relative_error(outputs[k], expected[k]) <= 1e-5 for k in expected), (height, width)
+        graphs = [g for g in counter.graphs if any(node.op == "call_function" for node in g.graph.nodes)]
+        assert len(graphs) <= 2, (mode, training, len(graphs))  # (dynamo also compiles a few empty frames)
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_the_export_operators_pass_opcheck(memory_format):
     x = torch.randn(2, 5, 9, 13).contiguous(memory_format=memory_format)
@@ -247,6 +279,12 @@ def test_the_export_operators_pass_opcheck(memory_format):
         torch.library.opcheck(torch.ops.scalenet_d2.pooled_branch.default, (x, weight, bias, factor, True))
         torch.library.opcheck(
             torch.ops.scalenet_d2.pooled_branch.default, (x, weight[..., :1, :1], None, factor, False)
+        )
+        # with gradients: the registered backward, itself an operator
+        grad_inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        torch.library.opcheck(torch.ops.scalenet_d2.pooled_branch.default, (*grad_inputs, factor, True))
+        torch.library.opcheck(
+            torch.ops.scalenet_d2.pooled_branch.default, (grad_inputs[0], grad_inputs[1], None, factor, False)
         )
 
 
@@ -285,3 +323,24 @@ def test_every_write_to_weights_or_statistics_reaches_the_next_folded_forward():
     assert not torch.equal(updated["res3"], stepped["res3"])
     body.res3[0].conv1.weight.data.mul_(3)  # a write through .data
     assert not torch.equal(check()["res3"], updated["res3"])
+
+
+@pytest.mark.parametrize("size", [(12, 16), (11, 13), (5, 3)])  # nearest, bilinear, clamped to 1 pixel
+def test_the_pooled_branch_operator_has_the_gradients_of_the_eager_branch(size):
+    from scalenet_d2.modeling.layers import max_pool_clamped, resize_like
+
+    torch.manual_seed(0)
+    y = torch.randn(2, 5, *size, dtype=torch.float64)
+    weight, bias = torch.randn(4, 5, 3, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    for scale, relu, with_bias in ((2, True, True), (4, False, False), (7, True, False)):
+        inputs = [t.clone().requires_grad_() for t in (y, weight, bias)]
+        b = inputs[2] if with_bias else None
+        eager = resize_like(
+            torch.nn.functional.conv2d(max_pool_clamped(inputs[0], scale), inputs[1], b, padding=1), y, relu
+        )
+        grad = torch.randn_like(eager)
+        expected = torch.autograd.grad(eager, inputs[:2] + [b] * with_bias, grad)
+        op = torch.ops.scalenet_d2.pooled_branch(inputs[0], inputs[1], b, scale, relu)
+        assert torch.equal(op, eager)
+        found = torch.autograd.grad(op, inputs[:2] + [b] * with_bias, grad)
+        assert all(relative_error(f, e) <= 1e-12 for f, e in zip(found, expected)), (size, scale)

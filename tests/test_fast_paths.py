@@ -7,6 +7,7 @@ benchmark, not here."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -281,3 +282,42 @@ def test_benchmark_speed_and_training_rows(tmp_path):
     rows_in_report = json.loads(report.read_text())["rows"]
     assert [r["run"] for r in rows_in_report] == [row[1] for row in rows + train_rows]
     assert all(len(r["seconds"]) == 2 for r in rows_in_report)
+    # ScaleNet's on and plain rows compare with the twin's shipped run (ResNet has no other forward)
+    assert "nan" not in result.stdout
+    for table in (rows, train_rows):
+        twin_shipped = float(table[0][2])
+        for row in table[4:]:
+            ratio = float(row[2]) / twin_shipped
+            assert abs(float(row[4]) - ratio) <= 0.03 * ratio + 2e-3, row
+    # the CPU's instruction sets, which decide oneDNN's kernels and so the ratios
+    assert re.search(
+        r"AVX2 (yes|no), AVX-512 (yes|no), AVX-512 BF16 (yes|no), AMX (yes|no); torch CPU kernels: ", result.stdout
+    )
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# stands in for python in tools/gpu_check.sh: CUDA "available", the tests fail, one table crashes
+echo "ran: $*" >> "$CALLS"
+case "$*" in
+  -c*) echo "torch settings" ;;
+  "-m pytest"*) echo "1 failed"; exit 1 ;;
+  *"--batch 1 --amp"*) echo "Traceback: out of memory" >&2; exit 1 ;;
+  *) echo "| a table |" ;;
+esac
+"""
+
+
+def test_gpu_check_records_a_failing_step_and_runs_the_rest(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = dict(os.environ, PY=str(fake), CALLS=str(tmp_path / "calls.txt"))
+    result = subprocess.run(
+        ["bash", os.path.join(ROOT, "tools/gpu_check.sh")], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert "these steps failed: CUDA tests,eval batch 1 --amp" in result.stderr
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert sum("tools/benchmark.py" in call for call in calls) == 8  # every table after the failures ran
+    report = (tmp_path / "output/gpu_check/report.md").read_text()
+    assert report.count("| a table |") == 7 and "FAILED: eval batch 1 --amp" in report

@@ -4,12 +4,13 @@ and ONNX with dynamic axes.
 The body's shape-dependent steps (the -inf padding of short dimensions, nearest or bilinear
 resizing) are operators of their own under torch.export (registered here, called by layers.py,
 scalenet.py and fast_paths.py), and scripted parts under the tracing ONNX exporter, so neither
-freezes the choices made for the example input. (Tracing, as detectron2's export_model.py
+freezes the choices made for the example input. torch.compile takes the pooled-branch operator
+too (with its backward), so that one graph serves every input size. (Tracing, as detectron2's export_model.py
 does, needs nothing from here.)
 """
 
 import io
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.fx.experimental._config as symbolic_shapes_config
@@ -19,7 +20,14 @@ from torch.export import Dim, ExportedProgram
 from ..atomic import bytes_writer, write_atomically
 from .layers import max_pool_clamped, resize_like
 
-__all__ = ["export_body", "export_body_onnx", "MAX_SIDE", "max_pool_clamped_op", "pooled_branch_op"]
+__all__ = [
+    "export_body",
+    "export_body_onnx",
+    "MAX_SIDE",
+    "max_pool_clamped_op",
+    "pooled_branch_op",
+    "pooled_branch_backward_op",
+]
 
 MAX_SIDE = 8192  # the largest height or width an exported body accepts
 
@@ -63,6 +71,75 @@ def pooled_branch_op(
 def _(y, weight, bias, scale, relu):
     shape = (y.shape[0], weight.shape[0], y.shape[-2], y.shape[-1])
     return torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=_memory_format(y))
+
+
+# Its backward is an operator too, so that a compiled training graph stays shape-generic. Inside an
+# operator autograd records nothing, so the backward is written out: the branch is recomputed, then
+# each step's own backward runs in reverse (resize, conv, pool). Without a bias it gives an empty
+# bias gradient (an operator returns tensors only).
+@torch.library.custom_op("scalenet_d2::pooled_branch_backward", mutates_args=())
+def pooled_branch_backward_op(
+    grad: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: int, relu: bool
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    aten = torch.ops.aten
+    height, width = y.shape[-2], y.shape[-1]
+    padded = y
+    if height < scale or width < scale:  # as max_pool_clamped
+        padded = F.pad(y, [0, max(scale - width, 0), 0, max(scale - height, 0)], value=float("-inf"))
+    pooled, indices = F.max_pool2d(padded, scale, scale, return_indices=True)
+    padding = weight.shape[-1] // 2
+    z = F.conv2d(pooled, weight, bias, padding=padding)
+    if height % z.shape[-2] == 0 and width % z.shape[-1] == 0:  # nearest, the ReLU before it (resize_like)
+        grad_z = aten.upsample_nearest2d_backward(grad, [height, width], list(z.shape))
+        if relu:
+            grad_z = grad_z * (z > 0)
+    else:  # bilinear, the ReLU after it
+        if relu:
+            resized = F.interpolate(z, size=[height, width], mode="bilinear", align_corners=False)
+            grad = grad * (resized > 0)
+        grad_z = aten.upsample_bilinear2d_backward(grad, [height, width], list(z.shape), False)
+    grad_pooled, grad_weight, grad_bias = aten.convolution_backward(
+        grad_z,
+        pooled,
+        weight,
+        None if bias is None else [bias.shape[0]],
+        [1, 1],
+        [padding, padding],
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+        [True, True, bias is not None],
+    )
+    grad_padded = aten.max_pool2d_with_indices_backward(
+        grad_pooled, padded, [scale, scale], [scale, scale], [0, 0], [1, 1], False, indices
+    )
+    grad_y = grad_padded[..., :height, :width].contiguous(memory_format=_memory_format(y))
+    return grad_y, grad_weight.contiguous(), weight.new_empty(0) if bias is None else grad_bias
+
+
+@pooled_branch_backward_op.register_fake
+def _(grad, y, weight, bias, scale, relu):
+    grad_y = torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=_memory_format(y))
+    grad_bias = weight.new_empty(0) if bias is None else torch.empty_like(bias)
+    return grad_y, torch.empty_like(weight, memory_format=torch.contiguous_format), grad_bias
+
+
+def _pooled_branch_setup_context(ctx, inputs, output):
+    y, weight, bias, scale, relu = inputs
+    ctx.save_for_backward(y, weight, bias)
+    ctx.scale, ctx.relu = scale, relu
+
+
+def _pooled_branch_backward(ctx, grad):
+    y, weight, bias = ctx.saved_tensors
+    grad_y, grad_weight, grad_bias = torch.ops.scalenet_d2.pooled_branch_backward(
+        grad, y, weight, bias, ctx.scale, ctx.relu
+    )
+    return grad_y, grad_weight, None if bias is None else grad_bias, None, None
+
+
+pooled_branch_op.register_autograd(_pooled_branch_backward, setup_context=_pooled_branch_setup_context)
 
 
 def export_body(body: torch.nn.Module, example: torch.Tensor) -> ExportedProgram:

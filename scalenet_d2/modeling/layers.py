@@ -25,6 +25,7 @@ __all__ = [
     "max_pool_clamped",
     "resize_like",
     "exporting",
+    "compiling",
     "in_graph",
 ]
 
@@ -102,6 +103,14 @@ def resize_like(pooled: torch.Tensor, reference: torch.Tensor, relu: bool = Fals
         return F.interpolate(F.relu(pooled) if relu else pooled, size=[height, width], mode="nearest")
     resized = F.interpolate(pooled, size=[height, width], mode="bilinear", align_corners=False)
     return F.relu(resized) if relu else resized
+
+
+@torch.jit.unused
+def compiling() -> bool:
+    """Whether torch.compile or torch.export is tracing the forward: a graph that must hold for
+    every input size, in which a pooled branch is one operator (export.py) rather than the shape
+    tests of `resize_like`, which would make one graph per size."""
+    return torch.compiler.is_compiling()
 
 
 @torch.jit.unused

@@ -33,7 +33,7 @@ from torch import nn
 from . import fast_paths
 from .allocation import SCALES, STAGE_NAMES, Allocation, branch_kernel_size, load_allocation
 from .fpn import check_body_outputs, fpn_from_cfg
-from .layers import exporting, make_norm, max_pool_clamped, resize_like
+from .layers import compiling, make_norm, max_pool_clamped, resize_like
 
 __all__ = [
     "FAST_PATH_MODES",
@@ -150,7 +150,7 @@ class SABottleneck(CNNBlockBase):
         for scale, conv, norm in zip(self.scales, self.conv2.values(), self.bn2.values()):
             if scale == 1:
                 z = conv(y)
-            elif not torch.jit.is_scripting() and exporting():
+            elif not torch.jit.is_scripting() and compiling():
                 z = torch.ops.scalenet_d2.pooled_branch(y, conv.weight, None, scale, False)  # the line below, as one op
             else:
                 z = resize_like(conv(max_pool_clamped(y, scale)), y)
