@@ -262,7 +262,7 @@ def test_benchmark_speed_and_training_rows(tmp_path):
     ]
     report = tmp_path / "report.json"
     args = ["--sizes", "64x64", "--speed", "96x128", "--train-speed", "96x128", "--rounds", "2", "--threads", "1"]
-    args += ["--batch", "2", "--json", str(report)]
+    args += ["--batch", "2", "--json", str(report), "--peak-sites"]
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools/benchmark.py"), *configs, *args],
         capture_output=True,
@@ -273,10 +273,11 @@ def test_benchmark_speed_and_training_rows(tmp_path):
     lines = result.stdout.splitlines()
     inference = lines.index(next(line for line in lines if line.startswith("Backbone inference")))
     training = lines.index(next(line for line in lines if line.startswith("Detector training step")))
-    rows = [line.split() for line in lines[inference:training] if "faster_rcnn_" in line]
+    table_rows = [line for line in lines if "faster_rcnn_" in line and "at the peak" not in line]
+    rows = [line.split() for line in lines[inference:training] if line in table_rows]
     assert [row[1] for row in rows] == ["shipped", "fair", "shipped", "fair", "on", "plain"]
     assert rows[0][4] == rows[1][4] == "1.000" and rows[0][5] == "1.000"  # the twin against itself
-    train_rows = [line.split() for line in lines[training:] if "faster_rcnn_" in line]
+    train_rows = [line.split() for line in lines[training:] if line in table_rows]
     assert [row[1] for row in train_rows] == ["shipped", "fair", "shipped", "fair", "on", "plain"]
     assert all(float(row[2]) > 0 and float(row[6]) > 0 for row in rows + train_rows)
     rows_in_report = json.loads(report.read_text())["rows"]
@@ -289,6 +290,8 @@ def test_benchmark_speed_and_training_rows(tmp_path):
         for row in table[4:]:
             ratio = float(row[2]) / twin_shipped
             assert abs(float(row[4]) - ratio) <= 0.03 * ratio + 2e-3, row
+    # --peak-sites: where each run's tensor peak is, for the 6 eval and the 6 training runs
+    assert result.stdout.count("MiB of tensors made in the call at the peak, at ") == 12
     # the CPU's instruction sets, which decide oneDNN's kernels and so the ratios
     assert re.search(
         r"AVX2 (yes|no), AVX-512 (yes|no), AVX-512 BF16 (yes|no), AMX (yes|no); torch CPU kernels: ", result.stdout
@@ -321,3 +324,21 @@ def test_gpu_check_records_a_failing_step_and_runs_the_rest(tmp_path):
     assert sum("tools/benchmark.py" in call for call in calls) == 8  # every table after the failures ran
     report = (tmp_path / "output/gpu_check/report.md").read_text()
     assert report.count("| a table |") == 7 and "FAILED: eval batch 1 --amp" in report
+
+
+def test_tensor_peak_sites_counts_new_storages_until_they_are_freed():
+    from scalenet_d2.utils.profiling import tensor_peak_sites
+
+    mib = 2**20
+
+    def run():
+        a = torch.ones(1024, 256)  # 1 MiB
+        b = a * 2  # 1 MiB more
+        del a
+        b.view(-1).add_(1)  # a view and an in-place op: nothing new
+        return torch.ones(1024, 512)  # 2 MiB: with b, the peak
+
+    peak, op, alive = tensor_peak_sites(run)
+    assert peak == 3 * mib
+    assert [size for size, _ in alive] == [2 * mib, mib]
+    assert "(1024, 512)" in alive[0][1] and "(1024, 256)" in alive[1][1]

@@ -83,18 +83,35 @@ def test_eval_only_prints_coco_table(trained, env):
     assert info["eval_peak_memory_mb"] > 0
 
 
-def test_two_processes_on_cpu_gloo(env, tmp_path):
-    rc, log = train_net(
-        env, "--config-file", CONFIG, "--num-gpus", "2", *TINY, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(tmp_path)
-    )
+def test_two_processes_on_cpu_gloo_resume_exactly(env, tmp_path):
+    """Two processes (gloo): each runs the job; a run stopped after its first checkpoint and resumed
+    ends with the weights of one that never stopped, each process restoring its own RNG states."""
+    import torch
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    two = ("--config-file", CONFIG, "--num-gpus", "2")
+    opts = (*TINY, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR")
+    rc, log = train_net(env, *two, *opts, str(whole))
     assert rc == 0, log[-3000:]
     assert "Rank of current process: 0. World size: 2" in log
-    with open(tmp_path / "log.txt.rank1") as f:  # the second process ran the same job
+    with open(whole / "log.txt.rank1") as f:  # the second process ran the same job
         assert "Rank of current process: 1. World size: 2" in f.read()
-    with open(tmp_path / "run_info.json") as f:
+    with open(whole / "run_info.json") as f:
         assert json.load(f)["train_num_processes"] == 2
-    assert (tmp_path / "model_final.pth").is_file()
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log
+    states = _weights(whole / "model_0000001.pth")["trainer"]["rng"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+
+    shutil.copytree(whole, cut)
+    for name in ("model_0000003.pth", "model_0000005.pth", "model_final.pth"):
+        os.remove(cut / name)
+    (cut / "last_checkpoint").write_text("model_0000001.pth")
+    rc, log = train_net(env, *two, "--resume", *opts, str(cut))
+    assert rc == 0, log[-3000:]
+    assert "Starting training from iteration 2" in log
+    a, b = _weights(whole / "model_final.pth")["model"], _weights(cut / "model_final.pth")["model"]
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, f"{len(differing)} tensors differ, first {differing[0]}"
 
 
 def test_missing_weights_fail_at_start_with_instruction(env, tmp_path):

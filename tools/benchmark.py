@@ -35,6 +35,7 @@ from scalenet_d2.utils.profiling import (
     machine_description,
     peak_bytes,
     tensor_peak_bytes,
+    tensor_peak_sites,
     time_interleaved,
 )
 
@@ -178,6 +179,13 @@ def print_runs(args, title, runs_per_config, held_per_run, device):
         REPORT.append({"table": title, **dict(zip(header, rows[-1])), "seconds": t})
     print(f"\n{title}\n")
     print("\n".join(format_table(header, rows, args.markdown)))
+    if args.peak_sites:
+        for (config, label), run in zip(labels, calls):
+            peak, op, alive = tensor_peak_sites(run)
+            print(
+                f"\n{config} {label}: {peak / 2**20:.1f} MiB of tensors made in the call at the peak, at {op}; alive:"
+            )
+            print("\n".join(f"    {size / 2**20:8.1f} MiB  {what}" for size, what in alive))
 
 
 def print_speed(args, models):
@@ -245,6 +253,12 @@ def main(argv=None):
     )
     parser.add_argument("--json", metavar="PATH", help="also write every timed row to this JSON file (a new file)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows to --speed (slow to compile)")
+    parser.add_argument(
+        "--peak-sites",
+        action="store_true",
+        help="after each table, where each run's tensor peak is: the op, and the largest tensors alive then with "
+        "their call sites in scalenet_d2",
+    )
     parser.add_argument("--rounds", type=int, default=10, help="timed calls per run for --speed / --train-speed")
     parser.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1, as MODEL_ZOO.md's CPU figures)")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides for every config")

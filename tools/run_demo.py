@@ -75,11 +75,10 @@ def fresh_output_dir(base):
     return candidate
 
 
-def backbone_speed_table(predictors, names, rounds, markdown=False):
-    """The trained bodies' eval forward at the demo's image size and at a COCO-sized input, batch 1,
-    against the twin: the detector's own inference time at 160x160 is mostly what is not the body."""
-    bodies = [p.model.backbone.bottom_up for p in predictors]
-    seconds = eval_seconds(bodies, SPEED_SIZES, rounds)
+def backbone_speed_table(seconds, names, rounds, markdown=False):
+    """The trained bodies' eval forward (`eval_seconds`) at the demo's image size and at a COCO-sized
+    input, batch 1, against the twin: the detector's own inference time at 160x160 is mostly what
+    is not the body."""
     header = ["backbone eval forward, batch 1", *(f"{n} s" for n in names), f"{names[0]} / {names[1]}"]
     rows = [
         [f"{h}x{w}{note}", *(f"{t:.4f}" for t in seconds[(h, w)]), f"{seconds[(h, w)][0] / seconds[(h, w)][1]:.2f}"]
@@ -189,9 +188,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     rounds = 3 if args.quick else 7
     print(f"\n=== ScaleNet vs ResNet on the synthetic shapes (total {time.time() - start:.0f} s)\n")
+    seconds = eval_seconds([p.model.backbone.bottom_up for p in predictors], SPEED_SIZES, rounds)
     print(render(runs, names))
-    print("\n" + backbone_speed_table(predictors, names, rounds))
-    md = render(runs, names, markdown=True) + "\n\n" + backbone_speed_table(predictors, names, rounds, markdown=True)
+    print("\n" + backbone_speed_table(seconds, names, rounds))
+    md = render(runs, names, markdown=True) + "\n\n" + backbone_speed_table(seconds, names, rounds, markdown=True)
     write_atomically({os.path.join(args.output_dir, "comparison.md"): bytes_writer((md + "\n").encode("utf-8"))})
     print(f"\n(Markdown version: {os.path.join(args.output_dir, 'comparison.md')})")
     print("\nPictures:")

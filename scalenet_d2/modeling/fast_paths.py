@@ -73,10 +73,10 @@ PLAIN, FOLDED, POOLED_BN = "plain", "folded", "pooled_bn"
 
 
 # "auto" on CPU runs a body's plain forward where its input has fewer than this many values at the
-# stem's width (N x H x W x stem channels): there oneDNN's fixed cost per conv call (about 0.1 ms,
-# against 0.02-0.04 ms for torch's own small convs) and folding the weights at every call outweigh
-# what the rewrites save. Measured crossovers (tools/benchmark.py --speed, MODEL_ZOO.md): about
-# 260x260 for ScaleNet-50 (stem 64) and 512x512 for scalenet_tiny (stem 16) at batch 1, on an AVX2 CPU.
+# stem's width (N x H x W x stem channels): there oneDNN's fixed cost per conv call and folding the
+# weights at every call outweigh what the rewrites save. At or above every crossover measured on an
+# AVX2 CPU (docs/fast_paths.md, "Small inputs on CPU"): ScaleNet-50 (stem 64) about 256x256 at
+# batch 1, scalenet_tiny (stem 16) about 360x360.
 AUTO_CPU_MIN_WORK = 2**22
 
 # set while a body runs its small-input plain forward: its "auto" blocks take the plain route too

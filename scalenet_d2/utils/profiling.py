@@ -23,6 +23,7 @@ __all__ = [
     "eval_seconds",
     "peak_bytes",
     "tensor_peak_bytes",
+    "tensor_peak_sites",
     "synthetic_detection_batch",
     "training_step",
     "held_bytes",
@@ -283,6 +284,61 @@ def tensor_peak_bytes(run, device, held=0):
         live += change
         peak = max(peak, live)
     return held + peak
+
+
+def tensor_peak_sites(run, top=8):
+    """Where one call of `run` reaches its tensor peak: (peak bytes, the op at the peak with its call
+    site, [(bytes, what) of the largest tensors alive then]). Every new storage an op makes during
+    the call is counted until it is freed, with the op, its shape and the innermost call sites in
+    scalenet_d2 and detectron2; views and in-place results (which share an input's storage) are not new."""
+    import traceback
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def site():
+        frames = [
+            f
+            for f in traceback.extract_stack()
+            if f.filename != __file__
+            and any(f"{os.sep}{p}{os.sep}" in f.filename for p in ("scalenet_d2", "detectron2"))
+        ]
+        return " < ".join(f"{os.path.basename(f.filename)}:{f.name}:{f.lineno}" for f in frames[::-1][:3])
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live, self.current, self.peak, self.at_peak = {}, 0, 0, None
+
+        def _free(self, key):
+            self.current -= self.live.pop(key, (0, None))[0]
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {
+                t.untyped_storage().data_ptr()
+                for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)
+            }
+            for t in torch.utils._pytree.tree_leaves(out):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key in inputs or key in self.live or storage.nbytes() == 0:
+                    continue
+                where = site()
+                self.live[key] = (storage.nbytes(), f"{func} {tuple(t.shape)} @ {where}")
+                weakref.finalize(storage, self._free, key)
+                self.current += storage.nbytes()
+                if self.current > self.peak:
+                    self.peak = self.current
+                    self.at_peak = (f"{func} @ {where}", sorted(self.live.values(), reverse=True)[:top])
+            return out
+
+    with Recorder() as recorder:
+        run()
+    return recorder.peak, recorder.at_peak[0], recorder.at_peak[1]
 
 
 def synthetic_detection_batch(batch_size, height, width, num_classes, seed=0):
