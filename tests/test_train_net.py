@@ -52,6 +52,11 @@ def test_train_writes_checkpoints_logs_and_results(trained):
     assert info["train_s_per_iter"] > 0 and info["inference_s_per_image"] > 0
     assert info["train_peak_memory_mb"] > 0 and "CPU" in info["train_peak_memory_kind"]
     assert "CPU" in info["train_machine"] and info["train_config_file"].endswith(CONFIG)
+    with open(os.path.join(out, "eval_results.json")) as f:
+        evaluation = json.load(f)["evaluation"]  # what was evaluated, for compare.py
+    assert evaluation["weights"] == "model_final.pth" and evaluation["datasets"] == ["synthetic_shapes_tiny_val"]
+    assert evaluation["images"]["synthetic_shapes_tiny_val"] > 0 and evaluation["test_size"] == "160/160"
+    assert evaluation["machine"] == info["train_machine"]
 
 
 def test_resume_continues_from_saved_iteration(trained, env):
@@ -79,8 +84,35 @@ def test_eval_only_prints_coco_table(trained, env):
     with open(os.path.join(eval_dir, "run_info.json")) as f:
         info = json.load(f)
     assert info["eval_weights"] == ckpt and info["inference_s_per_image"] > 0
+    with open(os.path.join(eval_dir, "eval_results.json")) as f:
+        assert json.load(f)["evaluation"]["weights"] == os.path.realpath(ckpt)  # not the folder's own final model
     assert info["eval_num_processes"] == 1 and "train_num_processes" not in info  # training fields only from training
     assert info["eval_peak_memory_mb"] > 0
+
+
+def test_a_resumed_run_records_the_config_of_a_fresh_one(trained, env, tmp_path):
+    """MODEL.WEIGHTS is resolved on --resume too, so that config.yaml (which compare.py checks to be
+    one recipe across runs) does not change when a run is requeued."""
+    import yaml
+
+    out, _ = trained
+    pretrained = tmp_path / "pretrained"
+    pretrained.mkdir()
+    shutil.copy(os.path.join(out, "model_final.pth"), pretrained / "tiny.pth")
+    run = tmp_path / "run"
+    env = dict(env, SCALENET_D2_PRETRAINED=str(pretrained))
+    opts = (*TINY, "SOLVER.MAX_ITER", "2", "MODEL.WEIGHTS", "pretrained/tiny.pth", "OUTPUT_DIR", str(run))
+
+    def recorded_weights():
+        with open(run / "config.yaml") as f:
+            return yaml.safe_load(f)["MODEL"]["WEIGHTS"]
+
+    rc, log = train_net(env, "--config-file", CONFIG, *opts)
+    assert rc == 0, log[-3000:]
+    assert recorded_weights() == str(pretrained / "tiny.pth")
+    rc, log = train_net(env, "--config-file", CONFIG, "--resume", *opts)
+    assert rc == 0, log[-3000:]
+    assert recorded_weights() == str(pretrained / "tiny.pth")
 
 
 def test_two_processes_on_cpu_gloo_resume_exactly(env, tmp_path):

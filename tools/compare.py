@@ -15,7 +15,10 @@ beyond the seed, and between arms beyond the backbone keys, are refused, naming 
 One run per column: with exactly two, a column gives the difference, first minus second. Arms:
 per metric each arm's mean ± standard deviation (n); for two arms the difference of the means
 with its 95% interval, paired by seed where both arms ran the same fixed seeds (SEED >= 0),
-else Welch's t; and a sentence per AP metric saying whether the interval includes 0.
+else Welch's t; and a sentence for the primary metric (box AP, and mask AP) saying whether the
+interval includes 0; the other AP rows are exploratory. Non-finite values are counted apart, a
+folder given twice, a repeated seed and runs evaluated differently are refused
+(docs/training.md, "Comparing runs").
 """
 
 import argparse

@@ -40,8 +40,9 @@ class StartupError(RuntimeError):
 # ----------------------------------------------------------------------------- config
 
 
-def resolve_weights(cfg, config_file, eval_only=False):
-    """Turns a relative local MODEL.WEIGHTS into an existing path, or fails saying how to make it.
+def resolve_weights(cfg, config_file, eval_only=False, required=True):
+    """Turns a relative local MODEL.WEIGHTS into an existing path, or (`required`) fails saying how
+    to make it.
 
     Looked up in order: $SCALENET_D2_PRETRAINED/<name> for "pretrained/<name>", then the
     current directory. URLs (http://, detectron2://, ...) and "" (train from scratch) are
@@ -67,6 +68,8 @@ def resolve_weights(cfg, config_file, eval_only=False):
         if os.path.isfile(path):
             cfg.MODEL.WEIGHTS = path
             return
+    if not required:
+        return
     name = os.path.basename(weights)
     looked = ", ".join(dict.fromkeys(candidates))
     if eval_only:
@@ -121,9 +124,10 @@ def build_config(args, announce=False):
             print(f"train_net.py: no CUDA device here, running on CPU (MODEL.DEVICE was {cfg.MODEL.DEVICE})")
         cfg.MODEL.DEVICE = "cpu"
     resolve_allocation(cfg)
+    # A resumed run loads its checkpoint, never MODEL.WEIGHTS, so these need not exist then; where
+    # they do, the path is resolved as for a fresh run, so that config.yaml records the same recipe.
     resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
-    if not resuming:  # a resumed run loads last_checkpoint, never MODEL.WEIGHTS
-        resolve_weights(cfg, args.config_file, args.eval_only)
+    resolve_weights(cfg, args.config_file, args.eval_only, required=not resuming)
     cfg.freeze()
     return cfg
 

@@ -1,12 +1,14 @@
 """Run records: what train_net.py leaves in OUTPUT_DIR besides detectron2's own files, and
 what tools/compare.py reads back.
 
-    eval_results.json  {"datasets": [...], "results": {dataset or task: {"bbox": {AP, AP50, ...}}}}
+    eval_results.json  {"datasets": [...], "evaluation": {weights, datasets, images, test_size, machine},
+                        "results": {dataset or task: {"bbox": {AP, AP50, ...}}}}
     run_info.json      config, backbone params and FLOPs, train s/iter, inference s/image,
                        peak memory, the machine; the "train_*" fields are those of the
                        training run, "eval_*" those of the last --eval-only run
 
-Both are written atomically (a reader never sees half a file).
+Both are written atomically (a reader never sees half a file), run_info.json last: a run with a
+run_info.json that records training has its final eval_results.json too.
 """
 
 import json
@@ -95,12 +97,36 @@ def write_run_record(cfg, args, model, results, training, inference=(None, 0)):
                 "max_iter": cfg.SOLVER.MAX_ITER,
             }
         )
-    writers = {info_path: bytes_writer(_json_bytes(info))}
+    writers = {}
     if results is not None:
+        evaluation = evaluation_record(cfg, training)
         writers[os.path.join(out, EVAL_RESULTS)] = bytes_writer(
-            _json_bytes({"datasets": list(cfg.DATASETS.TEST), "results": results})
+            _json_bytes({"datasets": list(cfg.DATASETS.TEST), "evaluation": evaluation, "results": results})
         )
+    writers[info_path] = bytes_writer(_json_bytes(info))  # renamed last: it marks the run finished
     write_atomically(writers)
+
+
+def evaluation_record(cfg, training):
+    """What an evaluation evaluated, for tools/compare.py to refuse results that are not alike:
+    the weights (a training run's own final model "model_final.pth", or --eval-only's MODEL.WEIGHTS,
+    relative to OUTPUT_DIR where it is in it), the test sets
+    and their image counts, the test resize and the machine."""
+    from detectron2.data import DatasetCatalog
+
+    weights = "model_final.pth" if training else cfg.MODEL.WEIGHTS
+    if not training and weights and "://" not in weights:
+        # relative to the run's folder where it is inside it, so that the folder can move
+        out, weights = os.path.realpath(cfg.OUTPUT_DIR), os.path.realpath(weights)
+        if os.path.dirname(weights) == out:
+            weights = os.path.basename(weights)
+    return {
+        "weights": weights,
+        "datasets": list(cfg.DATASETS.TEST),
+        "images": {name: len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TEST},
+        "test_size": f"{cfg.INPUT.MIN_SIZE_TEST}/{cfg.INPUT.MAX_SIZE_TEST}",
+        "machine": machine_description(),
+    }
 
 
 def train_seconds_per_iter(output_dir):
@@ -179,6 +205,7 @@ def load_run(run_dir):
         "box": _task_metrics(results, "bbox"),
         "mask": _task_metrics(results, "segm"),  # Mask R-CNN; empty for box-only detectors
         "datasets": evals.get("datasets", []),
+        "evaluation": evals.get("evaluation"),  # None for records written before it was kept
         "params": info.get("backbone_params"),
         "flops": info.get("backbone_flops", {}),
         "train_s_per_iter": info.get("train_s_per_iter") or train_seconds_per_iter(run_dir)[0],

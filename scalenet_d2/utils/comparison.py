@@ -1,6 +1,7 @@
 """Tables: detection runs side by side (tools/compare.py, tools/run_demo.py) and benchmark rows."""
 
 import math
+import os
 from typing import Dict, List, Sequence
 
 __all__ = [
@@ -12,6 +13,8 @@ __all__ = [
     "RUN_KEYS",
     "ComparisonError",
     "check_together",
+    "check_distinct",
+    "PRIMARY_METRICS",
     "render_arms",
 ]
 
@@ -99,7 +102,7 @@ def render(runs, names, markdown=False):
         cells = [label] + [v if digits is None else _fmt(v, digits) for v in values]
         if diff:
             a, b = values
-            numeric = digits is not None and all(isinstance(v, (int, float)) for v in (a, b))
+            numeric = digits is not None and all(isinstance(v, (int, float)) and math.isfinite(v) for v in (a, b))
             cells.append(_fmt(a - b, digits) if numeric else "")
         table.append([str(c) for c in cells])
 
@@ -150,9 +153,16 @@ def check_together(arms: Dict[str, List[dict]]) -> List[str]:
     """Raises ComparisonError where runs do not belong together: within an arm, their configs
     may differ only in RUN_KEYS (the seed, ...); between arms, also in TWIN_KEYS (the backbone).
     Returns notes on what could not be checked (runs without a config.yaml)."""
+    check_distinct(arms)
+    evaluation_notes = check_evaluations(arms)
     unchecked = [r["dir"] for runs in arms.values() for r in runs if r.get("cfg") is None]
-    if unchecked:
-        return [f"not checked to be one recipe (no config.yaml): {', '.join(unchecked)}"]
+    notes = evaluation_notes + (
+        [f"not checked to be one recipe (no config.yaml): {', '.join(unchecked)}"] if unchecked else []
+    )
+    arms = {name: [r for r in runs if r.get("cfg") is not None] for name, runs in arms.items()}
+    arms = {name: runs for name, runs in arms.items() if runs}
+    if not arms:
+        return notes
     reference = next(iter(arms.values()))[0]
     for name, runs in arms.items():
         for run in runs:
@@ -172,7 +182,61 @@ def check_together(arms: Dict[str, List[dict]]) -> List[str]:
                         f"{run['dir']} and {other['dir']} are not one recipe: they differ in {shown} ({first}); "
                         f"expected {expected}"
                     )
+    return notes
+
+
+# what an evaluation evaluated (run_record.evaluation_record) that must be alike for results to be compared
+EVALUATION_KEYS = ("datasets", "images", "test_size")
+
+
+def check_evaluations(arms: Dict[str, List[dict]]) -> List[str]:
+    """Raises ComparisonError where runs' results are not of alike evaluations: a run whose
+    evaluation was of other weights than its own final model (an --eval-only into its folder), or
+    runs evaluated on other test sets, image counts or test sizes. Returns notes on runs whose
+    record predates these fields."""
+    runs = [r for rs in arms.values() for r in rs]
+    unrecorded = [r["dir"] for r in runs if not r.get("evaluation")]
+    recorded = [r for r in runs if r.get("evaluation")]
+    for run in recorded:
+        weights = run["evaluation"].get("weights")
+        if weights != "model_final.pth":  # recorded relative to the run's folder where it is in it
+            raise ComparisonError(
+                f'{run["dir"]}: its results evaluate {weights!r} (field "weights" of eval_results.json), not '
+                f"the run's own model_final.pth; evaluate that, or compare the folder --eval-only wrote"
+            )
+    for run in recorded[1:]:
+        for key in EVALUATION_KEYS:
+            if run["evaluation"].get(key) != recorded[0]["evaluation"].get(key):
+                raise ComparisonError(
+                    f"{run['dir']} and {recorded[0]['dir']} were evaluated differently: field {key!r} of "
+                    f"eval_results.json is {run['evaluation'].get(key)!r} vs {recorded[0]['evaluation'].get(key)!r}"
+                )
+    if unrecorded:
+        return [f"not checked to be alike evaluations (older records): {', '.join(unrecorded)}"]
     return []
+
+
+def check_distinct(arms: Dict[str, List[dict]]) -> None:
+    """Raises ComparisonError where a run would count twice: a folder given twice (in one arm or
+    two), or two runs of one arm with the same fixed seed, which repeat one run rather than sample
+    training randomness."""
+    seen = {}
+    for name, runs in arms.items():
+        for run in runs:
+            key = os.path.realpath(run["dir"])
+            if key in seen:
+                raise ComparisonError(
+                    f"{run['dir']} is given twice (arms {seen[key]} and {name}): each run may count once"
+                )
+            seen[key] = name
+        seeds = [r.get("seed") for r in runs if isinstance(r.get("seed"), int) and r.get("seed") >= 0]
+        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        if repeated:
+            dirs = [r["dir"] for r in runs if r.get("seed") == repeated[0]]
+            raise ComparisonError(
+                f"arm {name}: SEED {repeated[0]} is repeated ({', '.join(dirs)}): runs of one arm must have "
+                "different seeds, else they count one run's result twice"
+            )
 
 
 def _paired(first: List[dict], second: List[dict]) -> bool:
@@ -182,18 +246,32 @@ def _paired(first: List[dict], second: List[dict]) -> bool:
     return fixed_and_distinct and set(seeds[0]) == set(seeds[1])
 
 
-def _cell(summary, digits) -> str:
+def _cell(values, digits) -> str:
+    from .statistics import finite_values, summarize
+
+    summary, (_, non_finite) = summarize(values), finite_values(values)
+    missing = f"; {non_finite} not finite" if non_finite else ""
     if summary is None:
-        return "-"
+        return f"-{missing}" if missing else "-"
+    if isinstance(digits, int) and summary.sd is not None:
+        digits = _digits(digits, summary.sd)  # a spread is not shown as 0 where it is not
     spread = f" ± {_fmt(summary.sd, digits)}" if summary.sd is not None else ""
-    return f"{_fmt(summary.mean, digits)}{spread} (n={summary.n})"
+    return f"{_fmt(summary.mean, digits)}{spread} (n={summary.n}{missing})"
+
+
+def _digits(digits: int, *values: float) -> int:
+    """At least `digits` decimals, more where a non-zero value would round to 0 (so that no sign
+    is rounded away: 0.0043 is not printed as 0.00), at most 6."""
+    while digits < 6 and any(v != 0 and round(abs(v), digits) == 0 for v in values):
+        digits += 1
+    return digits
 
 
 def render_arms(arms: Dict[str, List[dict]], markdown: bool = False) -> str:
     """Per metric, each arm's mean ± standard deviation (n); for two arms the difference with its
-    95% interval (statistics.py), and a sentence per AP metric. With one run per arm, the table of
+    95% interval (statistics.py), and a sentence for the primary metrics (PRIMARY_METRICS). With one run per arm, the table of
     `render` and a note that no spread is known."""
-    from .statistics import difference, summarize
+    from .statistics import difference
 
     notes = check_together(arms)
     names = list(arms)
@@ -210,7 +288,8 @@ def render_arms(arms: Dict[str, List[dict]], markdown: bool = False) -> str:
     metrics = ARM_METRICS[: len(AP_KEYS)] + (MASK_METRICS if with_masks else []) + ARM_METRICS[len(AP_KEYS) :]
     for label, value, digits in metrics:
         per_arm = [[value(r) for r in runs] for runs in arms.values()]
-        row = [label] + [_cell(summarize(values), digits) for values in per_arm]
+        exploratory = label.startswith(("box ", "mask ")) and label not in PRIMARY_METRICS
+        row = [label + (" (exploratory)" if exploratory else "")] + [_cell(values, digits) for values in per_arm]
         if two:
             keyed = [
                 {(r.get("seed") if paired else i): v for i, (r, v) in enumerate(zip(runs, values))}
@@ -218,17 +297,38 @@ def render_arms(arms: Dict[str, List[dict]], markdown: bool = False) -> str:
             ]
             diff = difference(*keyed, paired=paired)
             if diff is None:
-                row += ["-", "-", "no spread known (an arm has < 2 runs)"]
+                few = "runs" if all(len(runs) < 2 for runs in arms.values()) else "finite values"
+                row += ["-", "-", f"no spread known (an arm has < 2 {few})"]
+            elif not diff.spread_observed:
+                d = _digits(digits, diff.mean)
+                row += [f"{diff.mean:+.{d}f}", "-", f"no spread observed ({diff.method}): no interval"]
             else:
-                row += [f"{diff.mean:+.{digits}f}", f"[{diff.low:+.{digits}f}, {diff.high:+.{digits}f}]", diff.method]
-                if label.startswith(("box ", "mask ")):
-                    sentences.append(_sentence(label, names, diff))
+                d = _digits(digits, diff.mean, diff.low, diff.high)
+                row += [f"{diff.mean:+.{d}f}", f"[{diff.low:+.{d}f}, {diff.high:+.{d}f}]", diff.method]
+            if label in PRIMARY_METRICS:
+                sentences.append(_sentence(label, names, diff))
         table.append(row)
     kinds = "box and mask" if with_masks else "box"
     notes.append(
         f"COCO {kinds} metrics in % on: {', '.join(sorted({', '.join(r['datasets']) for rs in arms.values() for r in rs}))}"
     )
-    notes.append("sd = sample standard deviation over an arm's runs (seeds); interval: 95%, Student's t.")
+    notes.append(
+        "sd = sample standard deviation over an arm's finite values (seeds); interval: 95%, Student's t. The "
+        "intervals cover training randomness (the seeds) on fixed evaluation images, not another choice of images."
+    )
+    if two:
+        primary = " and ".join(m for m in PRIMARY_METRICS if with_masks or m.startswith("box"))
+        notes.append(
+            f"Primary metric: {primary}; the other AP rows are exploratory. Tested together, six metrics with no true "
+            "difference show at least one interval without 0 in about a quarter of studies, so only the primary "
+            "metric gets a verdict."
+        )
+    machines = {name: sorted({r["machine"] for r in runs}) for name, runs in arms.items()}
+    if len({m for ms in machines.values() for m in ms}) > 1:
+        notes.append(
+            "the runs ran on different machines, so their timings are not comparable: "
+            + "; ".join(f"{name}: {', '.join(ms)}" for name, ms in machines.items())
+        )
     lines = format_table(header, table, markdown)
     return "\n".join(lines) + "\n\n" + ("\n\n" if markdown else "\n").join(sentences + notes)
 
@@ -239,12 +339,24 @@ _NO_SPREAD = (
 )
 
 
+# the metric that gets a verdict (a sentence): one per task, the others are exploratory
+PRIMARY_METRICS = ("box AP", "mask AP")
+
+
 def _sentence(label: str, names: Sequence[str], diff) -> str:
-    interval = f"[{diff.low:+.2f}, {diff.high:+.2f}]"
+    if diff is None:
+        return f"{label}: no spread is known (an arm has fewer than 2 finite values), so no difference can be shown."
+    if not diff.spread_observed:
+        return (
+            f"{label}: every run gave the same difference ({diff.mean:+.{_digits(2, diff.mean)}f}): no spread "
+            "observed, so these runs cannot show whether another seed would differ; run more seeds."
+        )
+    d = _digits(2, diff.mean, diff.low, diff.high)
+    interval = f"[{diff.low:+.{d}f}, {diff.high:+.{d}f}]"
     if diff.includes_zero:
         return (
             f"{label}: the 95% interval of {names[0]} - {names[1]}, {interval}, includes 0: these runs do not "
             f"show a difference in {label} ({diff.method})."
         )
     better = names[0] if diff.mean > 0 else names[1]
-    return f"{label}: {better} is higher by {abs(diff.mean):.2f} points, 95% interval {interval} ({diff.method})."
+    return f"{label}: {better} is higher by {abs(diff.mean):.{d}f} points, 95% interval {interval} ({diff.method})."

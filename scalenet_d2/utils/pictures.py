@@ -125,14 +125,17 @@ def plot_ap_comparison(runs: Sequence[Dict], names: Sequence[str], path: str) ->
 
 def plot_arm_spread(arms: Dict[str, List[Dict]], path: str, key: str = "AP") -> str:
     """Box `key` per arm: each run a point, the arm's mean with its 95% interval (Student's t)."""
-    from .statistics import summarize, t_interval
+    from .statistics import finite_values, summarize, t_interval
 
     plt = _figure()
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(arms), 4))
     for position, (name, runs) in enumerate(arms.items()):
-        values = [r["box"][key] for r in runs if r["box"].get(key) is not None]
+        values, non_finite = finite_values([r["box"].get(key) for r in runs])
         if not values:
-            raise PictureError(f"arm {name}: no run has a box {key} (eval_results.json); expected evaluated runs")
+            raise PictureError(
+                f"arm {name}: no run has a finite box {key} (eval_results.json; {non_finite} not finite); "
+                "expected evaluated runs"
+            )
         ax.scatter([position] * len(values), values, s=24, alpha=0.7, zorder=3, label="runs" if position == 0 else None)
         summary = summarize(values)
         if summary.n > 1:
