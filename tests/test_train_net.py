@@ -307,3 +307,46 @@ def test_resume_with_another_allocation_is_refused_and_changes_nothing(trained, 
     assert re.search(r"first 'backbone\.bottom_up\.\S+': shape \(\d+(, \d+)*\) in the checkpoint, \(\d+", log)
     assert "MODEL.SCALENET.ALLOW_PARTIAL_WEIGHTS" in log
     assert folder_snapshot(out) == before  # config.yaml and log.txt as they were
+
+
+@pytest.mark.parametrize(
+    "remove, tag, start",
+    [
+        # killed after model_0000001.pth was written, before last_checkpoint named it
+        (("last_checkpoint", "model_0000003.pth", "model_final.pth"), None, 2),
+        # killed after model_0000003.pth was written, while the tag still named model_0000001.pth
+        (("model_final.pth",), "model_0000001.pth", 4),
+    ],
+)
+def test_resume_takes_the_newest_intact_checkpoint_whatever_the_tag_says(trained, env, tmp_path, remove, tag, start):
+    out = tmp_path / "run"
+    shutil.copytree(trained[0], out)
+    for name in remove:
+        os.remove(out / name)
+    if tag:
+        (out / "last_checkpoint").write_text(tag)
+    rc, log = train_net(env, "--config-file", CONFIG, "--resume", *TINY, "SOLVER.MAX_ITER", "4", "OUTPUT_DIR", str(out))
+    assert rc == 0, log[-3000:]
+    assert f"Starting training from iteration {start}" in log
+
+
+def test_slurm_cpus_become_torch_threads(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from scalenet_d2.engine.launch import launch_any, slurm_threads
+
+    assert slurm_threads({"SLURM_CPUS_PER_TASK": "8"}, 2) == 4
+    assert slurm_threads({"SLURM_CPUS_PER_TASK": "1"}, 2) == 1
+    assert slurm_threads({"SLURM_CPUS_PER_TASK": "8", "OMP_NUM_THREADS": "1"}, 1) is None  # the user's choice
+    assert slurm_threads({}, 1) is None
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    saved = torch.get_num_threads()
+    try:
+        args = SimpleNamespace(num_gpus=1, num_machines=1, machine_rank=0, dist_url="auto")
+        assert launch_any(lambda args: torch.get_num_threads(), args) is None  # launch returns nothing
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    finally:
+        torch.set_num_threads(saved)

@@ -107,7 +107,8 @@ class ScaleNetCheckpointer(DetectionCheckpointer):
     def resume_or_load(self, path, *, resume=True):
         if resume and self.save_dir and os.path.isdir(self.save_dir):
             self._remove_interrupted_writes()
-        if resume and self.has_checkpoint():
+        # a checkpoint written just before a kill, before last_checkpoint named it, counts too
+        if resume and self.save_dir and self.resume_candidates():
             return self.load(self.newest_intact_checkpoint())
         return self.load(path, checkpointables=[])
 
@@ -121,8 +122,11 @@ class ScaleNetCheckpointer(DetectionCheckpointer):
                 os.remove(os.path.join(self.save_dir, name))
 
     def resume_candidates(self) -> List[str]:
-        """The run's checkpoints, newest first: the one `last_checkpoint` names, then
-        model_final.pth, then model_<iteration>.pth by iteration."""
+        """The run's checkpoints, newest first whatever `last_checkpoint` says (a kill between
+        writing a checkpoint and its tag leaves the tag one behind): model_final.pth, then
+        model_<iteration>.pth by iteration, then a differently named file the tag names."""
+        if not os.path.isdir(self.save_dir):
+            return []
         tagged = self.get_checkpoint_file() if self.has_checkpoint() else None
         found = {}
         for f in os.listdir(self.save_dir):
@@ -130,7 +134,7 @@ class ScaleNetCheckpointer(DetectionCheckpointer):
             if match:
                 found[f] = (match.group(1) == "final", int(match.group(1)) if match.group(1).isdigit() else 0)
         paths = [os.path.join(self.save_dir, f) for f in sorted(found, key=found.get, reverse=True)]
-        return list(dict.fromkeys(([tagged] if tagged else []) + paths))
+        return list(dict.fromkeys(paths + ([tagged] if tagged else [])))
 
     def newest_intact_checkpoint(self) -> str:
         skipped = []

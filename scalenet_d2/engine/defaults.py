@@ -126,7 +126,14 @@ def build_config(args, announce=False):
     resolve_allocation(cfg)
     # A resumed run loads its checkpoint, never MODEL.WEIGHTS, so these need not exist then; where
     # they do, the path is resolved as for a fresh run, so that config.yaml records the same recipe.
-    resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    resuming = (
+        args.resume
+        and os.path.isdir(cfg.OUTPUT_DIR)
+        and any(
+            f == "last_checkpoint" or (f.startswith("model_") and f.endswith(".pth"))
+            for f in os.listdir(cfg.OUTPUT_DIR)
+        )
+    )
     resolve_weights(cfg, args.config_file, args.eval_only, required=not resuming)
     cfg.freeze()
     return cfg

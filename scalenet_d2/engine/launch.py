@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.engine import launch
 
-__all__ = ["launch_any"]
+__all__ = ["launch_any", "slurm_threads"]
 
 
 @contextlib.contextmanager
@@ -63,9 +63,25 @@ def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank
         dist.destroy_process_group()
 
 
+def slurm_threads(environ, processes: int):
+    """Torch threads per process for a SLURM job step that did not set OMP_NUM_THREADS: the CPUs
+    SLURM gave the task (SLURM_CPUS_PER_TASK) shared among the processes `launch` starts there.
+    None outside SLURM or where OMP_NUM_THREADS says: torch's own default (every core of the node,
+    whatever SLURM gave the job) made two 1-CPU jobs on a 2-core node 6x slower."""
+    cpus = environ.get("SLURM_CPUS_PER_TASK")
+    if "OMP_NUM_THREADS" in environ or not cpus or not cpus.isdigit():
+        return None
+    return max(1, int(cpus) // max(1, processes))
+
+
 def launch_any(main_func, args):
     """detectron2's launch(); on a machine without CUDA and with --num-gpus > 1, the same
-    process layout over gloo (one process per "GPU"), since launch() needs CUDA there."""
+    process layout over gloo (one process per "GPU"), since launch() needs CUDA there. In a SLURM
+    job, each process gets its share of the task's CPUs as torch threads (`slurm_threads`)."""
+    threads = slurm_threads(os.environ, max(1, args.num_gpus))
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # for the processes launch starts, which read it
+        torch.set_num_threads(threads)
     world_size = args.num_gpus * args.num_machines
     if world_size <= 1 or torch.cuda.is_available():
         return launch(

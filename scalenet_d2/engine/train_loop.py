@@ -141,6 +141,8 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
+        if resume and self.checkpointer.resumed_from is not None:  # detectron2 counts only a tagged one
+            self.start_iter = self.iter + 1
         if resume and self.start_iter == self.max_iter:  # finished: nothing trains that would write model_final
             self.checkpointer.rewrite_final()
         if self.start_iter == 0:
