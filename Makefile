@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-quick test gpu-check
+.PHONY: setup demo demo-quick test test-slurm gpu-check
 
 setup:
 	VENV=$(VENV) bash tools/setup_env.sh
@@ -17,6 +17,12 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest tests -n auto --dist loadfile --durations=10 $(ARGS)
+
+# The study on a real single-node SLURM started on this machine (Debian's slurm-wlm, slurmdbd with
+# MariaDB, munge; installed if missing, as root): tools/slurm/local_slurm.sh, then tests/test_study_slurm.py.
+test-slurm: setup
+	bash tools/slurm/local_slurm.sh start
+	SLURM_CONF=$${SLURM_LOCAL_DIR:-/tmp/scalenet_d2_slurm}/slurm.conf $(PY) -m pytest tests/test_study_slurm.py -v $(ARGS)
 
 # A 20-second smoke run of the main job (a few iterations on a tiny split).
 demo-quick: setup

@@ -28,6 +28,7 @@ from scalenet_d2.checkpoint import CheckpointMismatchError, ScaleNetCheckpointer
 from scalenet_d2.data.resumable import DatasetError
 from scalenet_d2.engine import (
     OutputDirGuard,
+    OutputDirLock,
     StartupError,
     Trainer,
     TrainingDivergedError,
@@ -76,14 +77,20 @@ def main(args):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
+    lock = None
     try:
         # Checked once here, before any worker starts, so a missing file is one clear message.
         cfg = build_config(args, announce=True)
         check_output_dir(cfg, args)
         check_inputs(cfg, args)
+        if args.machine_rank == 0:  # the first machine's launcher holds OUTPUT_DIR for the whole run
+            lock = OutputDirLock(cfg.OUTPUT_DIR).acquire()
     except StartupError as e:
         sys.exit(f"train_net.py: error: {e}")
     try:
         launch_any(main, args)
     except (CheckpointMismatchError, TrainingDivergedError, DatasetError) as e:
         sys.exit(f"train_net.py: error: {e}")
+    finally:
+        if lock is not None:
+            lock.release()

@@ -21,6 +21,7 @@ from scalenet_d2.engine.study import (
     load_manifest,
     make_executor,
     plan_study,
+    signal_delay_s,
     write_manifest,
 )
 
@@ -147,7 +148,11 @@ def test_unfinished_runs_continue_and_a_failed_run_is_reported(env, tmp_path):
     write_manifest(str(folder), manifest)
     rc, out = study(env, folder, "--time", "5")
     assert rc == 1, out[-3000:]
-    assert "failed: " in out and "run this command again to continue them" in out
+    assert "run this command again to continue them" in out
+    # the error itself, as train_net.py gave it, and the log to read
+    failure = next(line for line in out.splitlines() if "failed: " in line)
+    assert "train_net.py exited with 1" in failure and "'no_such_allocation' is neither a bundled allocation" in failure
+    assert "; log: " in failure and failure.rstrip().endswith("_log.out")
     assert not (folder / "comparison.md").exists()
     assert load_manifest(str(folder))["runs"][0]["jobs"][0]["launcher"] == "local"
 
@@ -221,6 +226,12 @@ def test_slurm_job_script(tmp_path, monkeypatch):
     ):
         assert line in script.splitlines(), (line, script)
     assert "qos" not in script and executor.max_num_timeout == 5
+    # the warning before the limit scales with it: a short job still trains to a checkpoint first
+    short = make_executor("slurm", str(tmp_path), dict(params, timeout_min=5))
+    assert "#SBATCH --signal=USR2@30" in short._make_submission_file_text("python", "UID").splitlines()
+    assert [signal_delay_s(m) for m in (2, 10, 15, 60, 1440)] == [30, 60, 90, 120, 120]
+    with pytest.raises(StudyError, match=r"--time 1: a job is warned 30 s before its limit .* expected --time >= 2"):
+        make_executor("slurm", str(tmp_path), dict(params, timeout_min=1))
 
     run = TrainRun(TRAIN_NET, CONFIGS[0], "/out/S/seed1", 1, ["SOLVER.MAX_ITER", "10"], num_gpus=8)
     cmd = run.command(num_machines=2, machine_rank=1, dist_url="tcp://node0:20042")
@@ -256,3 +267,28 @@ def test_local_jobs_at_once_must_fit_the_gpus(tmp_path, monkeypatch):
     with pytest.raises(StudyError, match=r"--parallel 2 x --num-gpus 4: 8 GPUs at once; this machine has 4"):
         study_module.launch_study(str(tmp_path), manifest, "local", params, parallel=2, log=lambda *a: None)
     assert all(not run["jobs"] for run in manifest["runs"])  # nothing launched
+
+
+@pytest.mark.parametrize(
+    "refusal, options, named",
+    [
+        ("sbatch: error: invalid partition specified: nope", ["--partition", "nope"], "check --partition 'nope'"),
+        (
+            "sbatch: error: Invalid generic resource (gres) specification",
+            ["--num-gpus", "1"],
+            "check --num-gpus 1 (GPUs per node; 0 for nodes without GPUs)",
+        ),
+    ],
+)
+def test_a_refused_submission_is_a_clear_error_that_leaves_no_study(env, tmp_path, refusal, options, named):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("srun", "exit 1"), ("sbatch", f"echo '{refusal}' >&2; exit 1")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(env, PATH=f"{bin_dir}:{env['PATH']}")
+    folder = tmp_path / "study"
+    rc, out = study(env, folder, "--launcher", "slurm", *options, "--seeds", "1", "--configs", CONFIGS[0])
+    assert rc == 2 and "Traceback" not in out, out[-3000:]
+    assert f"study.py: error: sbatch refused the job of {ARMS[0]}/seed1: {refusal}; {named}" in out
+    assert not folder.exists()  # the next command starts a new study, not a broken one

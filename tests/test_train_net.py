@@ -351,3 +351,31 @@ def test_slurm_cpus_become_torch_threads(monkeypatch):
         assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
     finally:
         torch.set_num_threads(saved)
+
+
+def test_one_train_net_per_output_dir(env, tmp_path):
+    import socket
+    import subprocess
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / ".train_net.lock"
+    args = ("--config-file", CONFIG, *TINY, "SOLVER.MAX_ITER", "2", "OUTPUT_DIR", str(out))
+    host = socket.gethostname()
+    # held by a live process of this host (this test's): refused, nothing written
+    lock.write_text(json.dumps({"host": host, "pid": os.getpid(), "slurm_job_id": "77", "started": "then"}))
+    rc, log = train_net(env, *args)
+    assert rc == 1, log[-3000:]
+    assert f"is in use by another train_net.py (host {host}, pid {os.getpid()}, SLURM job 77, since then)" in log
+    assert os.listdir(out) == [".train_net.lock"]
+    # another host's, with no way to ask whether it still runs: refused, saying how to remove it
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "slurm_job_id": None, "started": "then"}))
+    rc, log = train_net(env, *args)
+    assert rc == 1 and f"if it is not running any more, remove {lock}" in log
+    # a stale lock (its process gone from this host) is taken over; the run's own lock goes at its end
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock.write_text(json.dumps({"host": host, "pid": gone.pid, "slurm_job_id": None, "started": "then"}))
+    rc, log = train_net(env, *args)
+    assert rc == 0, log[-3000:]
+    assert "taking over a stale lock" in log and (out / "model_final.pth").is_file() and not lock.exists()

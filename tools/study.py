@@ -16,19 +16,23 @@ each run in its own OUTPUT_DIR under --output-dir, then the statistics of tools/
 KEY VALUE pairs after `--` are config overrides for every run (not SEED or OUTPUT_DIR, which
 the study sets). Finished runs are never launched again; unfinished ones continue with --resume.
 When every run has finished: OUTPUT/comparison.md and OUTPUT/ap_spread.png. Layout, manifest
-and the submitit parameters: scalenet_d2/engine/study.py and docs/training.md.
+and the submitit parameters: scalenet_d2/engine/study.py and docs/training.md. On SLURM the command waits
+for every job (also those an earlier command launched) unless --no-wait.
 """
 
 import argparse
 import os
+import shutil
 import sys
 
 from scalenet_d2.engine.run_record import RunRecordError
 from scalenet_d2.engine.study import (
     MANIFEST,
     StudyError,
+    SubmissionError,
     check_launcher,
     check_same_study,
+    check_time_limit,
     launch_study,
     load_manifest,
     plan_study,
@@ -59,7 +63,12 @@ def main(argv=None):
     parser.add_argument("--qos", help="slurm QOS")
     parser.add_argument("--constraint", help="slurm constraint")
     parser.add_argument("--max-requeues", type=int, default=3, help="requeues after timeouts (preemption: any)")
-    parser.add_argument("--no-wait", action="store_true", help="slurm: submit and return")
+    parser.add_argument("--no-wait", action="store_true", help="slurm: submit and return (default: wait for every job)")
+    parser.add_argument(
+        "--relaunch-unknown",
+        action="store_true",
+        help="slurm: launch again runs whose last job's state sacct cannot give (once you know it has ended)",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run")
     args = parser.parse_args(argv)
     if args.opts[:1] == ["--"]:
@@ -70,8 +79,10 @@ def main(argv=None):
         parser.error(f"--parallel {args.parallel}: expected at least 1")
 
     folder = os.path.abspath(args.output_dir)
+    created = False
     try:
         check_launcher(args.launcher)  # before a new study's folder is made
+        check_time_limit(args.time)
         if os.path.isfile(os.path.join(folder, MANIFEST)):
             manifest = load_manifest(folder)
             if args.configs or args.seeds or args.opts or args.names:
@@ -88,6 +99,7 @@ def main(argv=None):
             manifest = plan_study(
                 os.path.join(REPO_ROOT, "train_net.py"), args.configs, args.seeds, args.opts, args.names
             )
+            created = not os.path.isdir(folder)
             os.makedirs(folder, exist_ok=True)
             write_manifest(folder, manifest)
             print(f"new study in {folder}: {len(manifest['runs'])} runs")
@@ -103,14 +115,27 @@ def main(argv=None):
             "constraint": args.constraint,
             "max_num_timeout": args.max_requeues,
         }
-        status = launch_study(folder, manifest, args.launcher, params, args.parallel, wait=not args.no_wait)
+        try:
+            status = launch_study(
+                folder,
+                manifest,
+                args.launcher,
+                params,
+                args.parallel,
+                wait=not args.no_wait,
+                relaunch_unknown=args.relaunch_unknown,
+            )
+        except SubmissionError as e:
+            if e.submitted == 0 and created:  # nothing of a study exists: the next command starts afresh
+                shutil.rmtree(folder)
+            raise
         unfinished = {d: s for d, s in status.items() if s != "finished"}
         if unfinished:
             print(f"\n{len(unfinished)} of {len(status)} runs not finished:")
             for d, s in unfinished.items():
                 print(f"  {d}: {s}")
             print(f"run this command again to continue them: python {' '.join(sys.argv)}")
-            return 1 if any(s.startswith("failed") for s in unfinished.values()) else 0
+            return 1 if any(s.startswith(("failed", "unknown")) for s in unfinished.values()) else 0
         print()
         text, written = write_statistics(folder, manifest)
         print(text)

@@ -5,6 +5,7 @@ run records (run_record.py) and studies of configs over seeds through submitit (
 from .defaults import (
     PRETRAINED_ENV,
     OutputDirGuard,
+    OutputDirLock,
     StartupError,
     build_config,
     check_inputs,

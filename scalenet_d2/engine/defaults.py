@@ -1,10 +1,16 @@
 """Start-up of train_net.py, as detectron2's defaults.py: the config (with resolved weights and
 allocation), the checks of every input before any worker starts, the guard that a run never
-writes over another's results, and `setup`. The trainer is in train_loop.py, its hooks in hooks.py.
+writes over another's results (and one train_net.py per OUTPUT_DIR at a time), and `setup`. The trainer is in train_loop.py, its hooks in hooks.py.
 """
 
+import contextlib
+import json
+import logging
 import os
 import shutil
+import socket
+import subprocess
+import time
 
 import torch
 from detectron2.config import get_cfg
@@ -26,6 +32,7 @@ __all__ = [
     "check_inputs",
     "check_output_dir",
     "OutputDirGuard",
+    "OutputDirLock",
     "setup",
     "launch_any",
 ]
@@ -162,6 +169,95 @@ def check_output_dir(cfg, args):
         raise StartupError(
             f"OUTPUT_DIR {os.path.abspath(out)} holds another run's checkpoints ({shown}); pass --resume to "
             "continue that run, or set OUTPUT_DIR to a new folder"
+        )
+
+
+LOCK_FILE = ".train_net.lock"
+
+
+class OutputDirLock:
+    """One train_net.py per OUTPUT_DIR at a time: a second one (a relaunched job while the first
+    still runs, an --eval-only into a training run) is refused naming the holder. The file
+    OUTPUT_DIR/.train_net.lock holds the host, pid and SLURM job id of the process that launched
+    the run (on the first machine only: its other processes and machines run under it). A lock is
+    stale, and taken over, where its process is gone from this host, or its SLURM job is this job
+    (requeued: the earlier attempt is over) or no longer running; where that cannot be told (another
+    host, no squeue), the message says how to remove it."""
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, LOCK_FILE)
+        self.held = self.created = False
+
+    @staticmethod
+    def _me() -> dict:
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+
+    def acquire(self) -> "OutputDirLock":
+        folder = os.path.dirname(self.path)
+        self.created = not os.path.isdir(folder)  # then an empty folder goes with the lock
+        os.makedirs(folder, exist_ok=True)
+        for _ in range(3):  # a takeover can race another process's; a few tries settle it
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and not self._stale(holder):
+                    raise StartupError(self._in_use(holder)) from None
+                logging.getLogger(__name__).warning(f"{self.path}: taking over a stale lock ({holder})")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._me(), f)
+            self.held = True
+            return self
+        raise StartupError(f"{self.path}: could not be created (another process keeps taking it); try again")
+
+    def release(self) -> None:
+        if self.held and (self._holder() or {}).get("pid") == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            if self.created:
+                with contextlib.suppress(OSError):  # not empty: the run's files stay
+                    os.rmdir(os.path.dirname(self.path))
+        self.held = False
+
+    def _holder(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                holder = json.load(f)
+        except (OSError, ValueError):  # cut short by a kill while it was written: nobody holds it
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    def _stale(self, holder: dict) -> bool:
+        job = holder.get("slurm_job_id")
+        if job and job == os.environ.get("SLURM_JOB_ID"):
+            return True  # this job, requeued: its earlier attempt is over
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+            try:
+                os.kill(holder["pid"], 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:  # alive, another user's
+                return False
+            return False
+        if job and shutil.which("squeue"):
+            proc = subprocess.run(["squeue", "-h", "-j", str(job), "-o", "%T"], capture_output=True, text=True)
+            return proc.returncode == 0 and proc.stdout.strip() not in ("RUNNING", "PENDING", "COMPLETING", "SUSPENDED")
+        return False
+
+    def _in_use(self, holder: dict) -> str:
+        job = f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
+        return (
+            f"OUTPUT_DIR {os.path.dirname(os.path.abspath(self.path))} is in use by another train_net.py (host "
+            f"{holder.get('host')}, pid {holder.get('pid')}{job}, since {holder.get('started')}); wait for it to "
+            f"end, or, if it is not running any more, remove {self.path}"
         )
 
 

@@ -13,13 +13,15 @@ The study folder:
 study.json: {"format": "scalenet_d2.study/1", "train_net": path, "configs": [...],
 "names": [...], "seeds": [...], "opts": [...], "runs": [{"arm", "config", "seed", "output_dir"
 (relative to the folder), "jobs": [{"launcher", "job_id"}, ...]}]}. Every run is launched with
---resume: a preempted or timed-out job is requeued by submitit and continues from the run's last
-intact checkpoint (detectron2's last_checkpoint), and a run whose run_info.json records its
-training is finished and never launched again.
+--resume: a preempted or timed-out job is requeued by submitit (or SLURM) and continues from the
+run's newest intact checkpoint, and a run whose run_info.json records its training is finished and
+never launched again. On SLURM a job is over when SLURM says it ended; the study waits for the
+jobs in flight, also those an earlier command launched.
 """
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -42,6 +44,11 @@ __all__ = [
     "make_executor",
     "launch_study",
     "write_statistics",
+    "SubmissionError",
+    "signal_delay_s",
+    "check_time_limit",
+    "slurm_states",
+    "last_error",
 ]
 
 MANIFEST = "study.json"
@@ -49,11 +56,48 @@ FORMAT = "scalenet_d2.study/1"
 # the fields that make a study; a re-run must ask for the same ones
 PLAN_FIELDS = ("configs", "names", "seeds", "opts")
 # SLURM states in which a job still holds (or will hold) its OUTPUT_DIR
-SLURM_ALIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
+SLURM_ALIVE = (
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "RESIZING",
+    "STOPPED",
+)
+# The time limit of a job, and the warning (SIGUSR2) before it: a tenth of the limit, from 30 s
+# to 2 min, so that a short job still runs to a checkpoint before it is asked to stop.
+MIN_TIME_MIN = 2
+POLL_S = 5.0  # how often a waiting study asks for its jobs' states
+
+
+def signal_delay_s(timeout_min: int) -> int:
+    """Seconds before the time limit at which SLURM sends the requeue signal (SIGUSR2)."""
+    return int(min(120, max(30, timeout_min * 60 // 10)))
+
+
+def check_time_limit(timeout_min: int) -> None:
+    if timeout_min < MIN_TIME_MIN:
+        raise StudyError(
+            f"--time {timeout_min}: a job is warned {signal_delay_s(timeout_min)} s before its limit to stop at a "
+            f"checkpoint and be requeued; under {MIN_TIME_MIN} minutes it would be requeued before it trains; "
+            f"expected --time >= {MIN_TIME_MIN} (minutes)"
+        )
 
 
 class StudyError(ValueError):
     """A study folder or request that cannot be run, named with its field and what was expected."""
+
+
+class SubmissionError(StudyError):
+    """The cluster refused a job; `submitted`: how many jobs this command had submitted before."""
+
+    def __init__(self, message: str, submitted: int):
+        super().__init__(message)
+        self.submitted = submitted
 
 
 # -- the manifest -----------------------------------------------------------------------------
@@ -165,6 +209,25 @@ def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
         proc.wait()
 
 
+_ERROR_LINE = re.compile(r"^(train_net\.py: error: .+|[\w.]*(Error|Exception|Interrupt)(: .+)?)$")
+
+
+def last_error(*logs) -> Optional[str]:
+    """The last error line in the tails of a job's logs: train_net.py's own ("train_net.py: error:
+    ...") or a traceback's last line; None where there is none."""
+    found = None
+    for path in logs:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = f.readlines()[-200:]
+        except OSError:
+            continue
+        for line in lines:
+            if _ERROR_LINE.match(line.strip()):
+                found = line.strip()
+    return found
+
+
 class TrainRun:
     """One train_net.py run, always with --resume: the job submitit launches and, on preemption
     or timeout, checkpoints (stops the run; its last checkpoint is intact, being written
@@ -221,8 +284,16 @@ class TrainRun:
         finally:
             _stop(self._proc)
         rc = self._proc.returncode
+        if rc == -signal.SIGTERM and "SLURM_JOB_ID" in os.environ:
+            # SLURM stops the job (requeue, preemption, scancel, the time limit) and signalled every
+            # process of it: the job is not over, so no result is written; SLURM ends this process.
+            print(f"study run: train_net.py was stopped by SIGTERM (SLURM job {os.environ['SLURM_JOB_ID']})")
+            time.sleep(3600)
         if rc != 0:
-            raise RuntimeError(f"train_net.py exited with {rc} for {self.output_dir} (its log is this job's log)")
+            reason = last_error(env.paths.stderr, env.paths.stdout)
+            raise RuntimeError(
+                f"train_net.py exited with {rc} for {self.output_dir}" + (f": {reason}" if reason else "")
+            )
         return self.output_dir
 
     def checkpoint(self):
@@ -257,11 +328,12 @@ def check_launcher(launcher: str) -> None:
 def make_executor(launcher: str, folder: str, params: Dict):
     """A submitit executor. params: num_gpus, nodes, timeout_min, cpus_per_task, mem_gb, and
     for SLURM partition, account, qos, constraint, max_num_timeout (requeues on timeout).
-    Preemption (SIGUSR2 sent signal_delay_s before the time limit or on preemption) requeues
+    Preemption (SIGUSR2 sent `signal_delay_s` before the time limit, or on preemption) requeues
     without limit, as submitit does."""
     import submitit
 
     check_launcher(launcher)
+    check_time_limit(params["timeout_min"])
     logs = os.path.join(folder, "submitit")
     if launcher == "local":
         executor = submitit.LocalExecutor(logs, max_num_timeout=params.get("max_num_timeout", 3))
@@ -277,7 +349,7 @@ def make_executor(launcher: str, folder: str, params: Dict):
         "gpus_per_node": params["num_gpus"],
         "cpus_per_task": params["cpus_per_task"],
         "time": params["timeout_min"],
-        "signal_delay_s": params.get("signal_delay_s", 120),  # time to stop before the limit
+        "signal_delay_s": signal_delay_s(params["timeout_min"]),  # time to stop before the limit
     }
     if params.get("mem_gb"):
         slurm["mem"] = f"{params['mem_gb']}GB"
@@ -300,34 +372,115 @@ def _cuda_device_count():
     return torch.cuda.device_count()
 
 
-def _alive_on_slurm(folder: str, job_id: str) -> bool:
+def slurm_states(folder: str, job_ids: Sequence[str]) -> Dict[str, Optional[str]]:
+    """The SLURM state of each job (its first word: RUNNING, PENDING, COMPLETED, CANCELLED, ...), from
+    one sacct call; None where sacct gives none (not yet known to it, or accounting unreachable)."""
     import submitit
 
+    watcher = submitit.SlurmJob.watcher
+    for job_id in job_ids:
+        watcher.register_job(str(job_id))
+    watcher.update()  # one sacct call for all; on failure it logs and keeps what it had
+    states = {}
+    for job_id in job_ids:
+        state = watcher.get_state(str(job_id), mode="cache").split(" ")[0]
+        states[job_id] = None if state in ("", "UNKNOWN") else state
+    return states
+
+
+def _failure(job, run_dir: str, state: Optional[str]) -> str:
+    """Why a run's job ended without finishing it: the job's error (train_net.py's own error line
+    where there is one) or its SLURM state, and the log to read."""
+    reason = None
     try:
-        state = submitit.SlurmJob(os.path.join(folder, "submitit"), job_id).state
-    except Exception:  # no sacct here, or the job is too old for it: treat it as gone
-        return False
-    return state.split(" ")[0] in SLURM_ALIVE
+        job.result()
+    except Exception as e:  # submitit re-raises the job's error, whose text holds its traceback
+        reason = last_error_in(str(e))
+    except BaseException:
+        reason = None
+    if reason is None:
+        reason = f"the job ended ({state or 'no result'}) before the run finished"
+    elif state and state != "FAILED":
+        reason += f" (SLURM state {state})"
+    return f"failed: {reason}; log: {job.paths.stdout}"
 
 
-def launch_study(folder: str, manifest: dict, launcher: str, params: Dict, parallel: int = 1, wait=True, log=print):
-    """Launches every unfinished run not still queued or running. Local: up to `parallel` jobs
-    at a time, waiting for all. SLURM: submits them all; waits only with wait=True.
-    Returns {output_dir: "finished" | "failed: ..." | "submitted" | "still queued/running"}."""
+def last_error_in(text: str) -> Optional[str]:
+    lines = [line.strip() for line in text.splitlines() if _ERROR_LINE.match(line.strip())]
+    return lines[-1] if lines else None
+
+
+def _sbatch_refusal(error: Exception, params: Dict, run_dir: str, submitted: int) -> SubmissionError:
+    """A clear error for a job the cluster refused at submission, naming the option."""
+    text = str(error)
+    reason = next(
+        (line.strip() for line in text.splitlines() if "error" in line.lower() and "sbatch" in line.lower()),
+        text.strip().splitlines()[-1] if text.strip() else type(error).__name__,
+    )
+    lowered = text.lower()
+    if "partition" in lowered:
+        option = f"--partition {params.get('partition')!r}"
+    elif "gres" in lowered or "gpu" in lowered:
+        option = f"--num-gpus {params.get('num_gpus')} (GPUs per node; 0 for nodes without GPUs)"
+    elif "account" in lowered:
+        option = f"--account {params.get('account')!r}"
+    elif "qos" in lowered:
+        option = f"--qos {params.get('qos')!r}"
+    elif "memory" in lowered or "mem" in lowered:
+        option = f"--mem-gb {params.get('mem_gb')}"
+    elif "time" in lowered:
+        option = f"--time {params.get('timeout_min')}"
+    else:
+        option = "--partition, --account, --qos, --constraint, --nodes, --num-gpus, --cpus-per-task or --mem-gb"
+    return SubmissionError(f"sbatch refused the job of {run_dir}: {reason}; check {option}", submitted)
+
+
+def launch_study(
+    folder: str,
+    manifest: dict,
+    launcher: str,
+    params: Dict,
+    parallel: int = 1,
+    wait=True,
+    log=print,
+    relaunch_unknown=False,
+):
+    """Launches every unfinished run that has no job in flight, then (with wait) waits for every
+    job, also those launched by an earlier command. Local: up to `parallel` jobs at a time. SLURM:
+    a job is over when SLURM says it ended (a requeued job is still in flight, whatever an earlier
+    attempt of it left behind); a run whose last job's state cannot be read is not launched again
+    (unless relaunch_unknown), since that job may still be writing to its folder.
+    Returns {output_dir: "finished" | "failed: ..." | "submitted" | "in flight" | "unknown: ..."}."""
+    import submitit
+
     executor = make_executor(launcher, folder, params)
     status: Dict[str, str] = {}
-    todo = []
+    todo, jobs = [], []  # jobs: (run, job, slot) to wait for
+    earlier = [run["jobs"][-1]["job_id"] for run in manifest["runs"] if run["jobs"] and launcher == "slurm"]
+    states = slurm_states(folder, earlier) if earlier else {}
     for run in manifest["runs"]:
         run_dir = os.path.join(folder, run["output_dir"])
+        last = run["jobs"][-1] if run["jobs"] else None
         if run_finished(run_dir):
             status[run["output_dir"]] = "finished"
-        elif launcher == "slurm" and any(
-            j["launcher"] == "slurm" and _alive_on_slurm(folder, j["job_id"]) for j in run["jobs"]
-        ):
-            status[run["output_dir"]] = "still queued/running"
+        elif launcher == "slurm" and last and last["launcher"] == "slurm" and states.get(last["job_id"]) in SLURM_ALIVE:
+            jobs.append((run, submitit.SlurmJob(os.path.join(folder, "submitit"), last["job_id"]), None))
+            status[run["output_dir"]] = "in flight"
+        elif launcher == "slurm" and last and last["launcher"] == "slurm" and states.get(last["job_id"]) is None:
+            if relaunch_unknown:
+                todo.append(run)
+                continue
+            status[run["output_dir"]] = (
+                f"unknown: the state of its SLURM job {last['job_id']} cannot be read (sacct), so it is not "
+                "launched again: that job may still be writing to its folder. When you know it has ended "
+                "(squeue -j), run this command again with --relaunch-unknown"
+            )
         else:
             todo.append(run)
-    log(f"study {folder}: {len(manifest['runs'])} runs, {len(status)} finished or in flight, {len(todo)} to launch")
+    log(
+        f"study {folder}: {len(manifest['runs'])} runs: {sum(v == 'finished' for v in status.values())} finished, "
+        f"{len(jobs)} in flight, {len(todo)} to launch"
+    )
 
     gpus = params["num_gpus"] if launcher == "local" and _has_cuda() else 0
     if gpus and parallel * gpus > _cuda_device_count():
@@ -336,7 +489,7 @@ def launch_study(folder: str, manifest: dict, launcher: str, params: Dict, paral
             f"{_cuda_device_count()}"
         )
     free_slots = list(range(parallel))  # local: each running job has GPUs of its own
-    jobs = []  # (run, job, slot)
+    submitted = 0
     try:
         while todo or jobs:
             while todo and (launcher == "slurm" or free_slots):
@@ -346,32 +499,42 @@ def launch_study(folder: str, manifest: dict, launcher: str, params: Dict, paral
                 slot = free_slots.pop(0) if launcher == "local" else None
                 if gpus:
                     executor.update_parameters(visible_gpus=list(range(slot * gpus, (slot + 1) * gpus)))
-                job = executor.submit(
-                    TrainRun(
-                        manifest["train_net"], run["config"], run_dir, run["seed"], manifest["opts"], params["num_gpus"]
-                    )
+                train = TrainRun(
+                    manifest["train_net"], run["config"], run_dir, run["seed"], manifest["opts"], params["num_gpus"]
                 )
+                try:
+                    job = executor.submit(train)
+                except Exception as e:  # sbatch's refusal, as submitit's error
+                    if launcher == "slurm":
+                        raise _sbatch_refusal(e, params, run["output_dir"], submitted) from None
+                    raise
+                submitted += 1
                 run["jobs"].append({"launcher": launcher, "job_id": str(job.job_id)})
                 write_manifest(folder, manifest)
                 log(f"  {run['output_dir']}: job {job.job_id} ({launcher})")
                 jobs.append((run, job, slot))
             if launcher == "slurm" and not wait:
                 for run, _, _ in jobs:
-                    status[run["output_dir"]] = "submitted"
+                    status.setdefault(run["output_dir"], "submitted")
                 return status
-            done = [(run, job, slot) for run, job, slot in jobs if job.done()]
-            for run, job, slot in done:
+            ended = []
+            if launcher == "slurm":
+                now = slurm_states(folder, [job.job_id for _, job, _ in jobs])
+                for entry in jobs:
+                    state = now.get(entry[1].job_id)
+                    if state is not None and state not in SLURM_ALIVE:
+                        ended.append((entry, state))
+            else:
+                ended = [(entry, None) for entry in jobs if entry[1].done()]
+            for (run, job, slot), state in ended:
                 jobs.remove((run, job, slot))
                 if slot is not None:
                     free_slots.append(slot)
-                try:
-                    job.result()
-                    status[run["output_dir"]] = "finished"
-                except Exception as e:  # submitit re-raises the job's error with its traceback
-                    status[run["output_dir"]] = f"failed: {str(e).strip().splitlines()[-1]} (log: {job.paths.stdout})"
+                run_dir = os.path.join(folder, run["output_dir"])
+                status[run["output_dir"]] = "finished" if run_finished(run_dir) else _failure(job, run_dir, state)
                 log(f"  {run['output_dir']}: {status[run['output_dir']]}")
-            if not done:
-                time.sleep(1.0)
+            if not ended:
+                time.sleep(POLL_S if launcher == "slurm" else 1.0)
     except BaseException:
         if launcher == "local":  # local jobs die with the study; SLURM jobs go on
             for _, job, _ in jobs:
