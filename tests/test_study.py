@@ -133,7 +133,7 @@ def test_rerunning_a_finished_study_launches_nothing_and_changes_no_run(finished
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in finals}
     rc, out = study(env, folder)
     assert rc == 0, out[-3000:]
-    assert "4 runs, 4 finished or in flight, 0 to launch" in out and "paired t (2 seeds)" in out
+    assert "4 runs: 4 finished, 0 in flight, 0 to launch" in out and "paired t (2 seeds)" in out
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in finals} == before
 
     # asking for another study in the same folder is refused, naming the field

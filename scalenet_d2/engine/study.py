@@ -19,6 +19,7 @@ never launched again. On SLURM a job is over when SLURM says it ended; the study
 jobs in flight, also those an earlier command launched.
 """
 
+import collections
 import json
 import os
 import re
@@ -410,6 +411,17 @@ def last_error_in(text: str) -> Optional[str]:
     return lines[-1] if lines else None
 
 
+# words of sbatch's refusal -> the option of tools/study.py that it is about
+_SBATCH_OPTIONS = (
+    (("partition",), "--partition {partition!r}"),
+    (("gres", "gpu"), "--num-gpus {num_gpus} (GPUs per node; 0 for nodes without GPUs)"),
+    (("account",), "--account {account!r}"),
+    (("qos",), "--qos {qos!r}"),
+    (("memory", "mem"), "--mem-gb {mem_gb}"),
+    (("time",), "--time {timeout_min}"),
+)
+
+
 def _sbatch_refusal(error: Exception, params: Dict, run_dir: str, submitted: int) -> SubmissionError:
     """A clear error for a job the cluster refused at submission, naming the option."""
     text = str(error)
@@ -417,21 +429,11 @@ def _sbatch_refusal(error: Exception, params: Dict, run_dir: str, submitted: int
         (line.strip() for line in text.splitlines() if "error" in line.lower() and "sbatch" in line.lower()),
         text.strip().splitlines()[-1] if text.strip() else type(error).__name__,
     )
-    lowered = text.lower()
-    if "partition" in lowered:
-        option = f"--partition {params.get('partition')!r}"
-    elif "gres" in lowered or "gpu" in lowered:
-        option = f"--num-gpus {params.get('num_gpus')} (GPUs per node; 0 for nodes without GPUs)"
-    elif "account" in lowered:
-        option = f"--account {params.get('account')!r}"
-    elif "qos" in lowered:
-        option = f"--qos {params.get('qos')!r}"
-    elif "memory" in lowered or "mem" in lowered:
-        option = f"--mem-gb {params.get('mem_gb')}"
-    elif "time" in lowered:
-        option = f"--time {params.get('timeout_min')}"
-    else:
-        option = "--partition, --account, --qos, --constraint, --nodes, --num-gpus, --cpus-per-task or --mem-gb"
+    values = collections.defaultdict(lambda: None, params)
+    option = next(
+        (form.format_map(values) for words, form in _SBATCH_OPTIONS if any(w in text.lower() for w in words)),
+        "--partition, --account, --qos, --constraint, --nodes, --num-gpus, --cpus-per-task or --mem-gb",
+    )
     return SubmissionError(f"sbatch refused the job of {run_dir}: {reason}; check {option}", submitted)
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "block_route",
     "block_forward",
     "body_forward",
+    "stages_in_channels_last",
     "small_cpu_call",
     "AUTO_CPU_MIN_WORK",
     "forward_folded",
