@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -157,3 +158,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def write_image_folder(root: Path, split: str, per_class: int, seed: int):
+    """An ImageFolder split of 64x64 images: a filled ellipse, rectangle or triangle per class."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    for label, shape in enumerate(("ellipse", "rectangle", "triangle")):
+        folder = root / split / f"class_{shape}"
+        folder.mkdir(parents=True)
+        for n in range(per_class):
+            img = Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(0, 120, 3)))
+            draw = ImageDraw.Draw(img)
+            x0, y0 = (int(v) for v in rng.integers(4, 24, 2))
+            x1, y1 = x0 + int(rng.integers(20, 36)), y0 + int(rng.integers(20, 36))
+            colour = tuple(int(v) for v in rng.integers(140, 256, 3))
+            if shape == "ellipse":
+                draw.ellipse((x0, y0, x1, y1), fill=colour)
+            elif shape == "rectangle":
+                draw.rectangle((x0, y0, x1, y1), fill=colour)
+            else:
+                draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=colour)
+            img.save(folder / f"{n}.png")

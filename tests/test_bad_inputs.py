@@ -103,7 +103,8 @@ def _(ws, detector_cfg):
 def _(ws, detector_cfg):
     path = ws / "resnet50-torchvision.pth"
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "layer1.0.conv2.weight": torch.zeros(64, 64, 3, 3)}, path)
-    return _load_weights(detector_cfg, path), [str(path), "unconverted ImageNet ResNet", "convert-torchvision-to-d2.py"]
+    command = f"python tools/convert_scalenet_to_d2.py {path} pretrained/resnet50-torchvision.pkl"
+    return _load_weights(detector_cfg, path), [str(path), "unconverted ImageNet ResNet", command]
 
 
 @case("weights: empty file")

@@ -62,6 +62,10 @@ TWINS = [
     (C + "retinanet_S50_FPN_1x.yaml", C + "retinanet_R50_FPN_1x.yaml"),
     (M + "mask_rcnn_S50_FPN_1x.yaml", M + "mask_rcnn_R50_FPN_1x.yaml"),
     (Y + "faster_rcnn_Stiny_FPN.yaml", Y + "faster_rcnn_Rtiny_FPN.yaml"),
+    (
+        "configs/SameImageNetRecipe/faster_rcnn_S50_FPN_1x.yaml",
+        "configs/SameImageNetRecipe/faster_rcnn_R50_FPN_1x.yaml",
+    ),
 ] + [
     (P + f"faster_rcnn_S{d}_FPN_1x_{s}.yaml", P + f"faster_rcnn_R{d}_FPN_1x_{s}.yaml")
     for d in (50, 101)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder
 
 from scalenet_d2.checkpoint.classifier import ALLOCATION_KEY, SEED_KEY, ClassifierCheckpointError, load_seed_checkpoint
 from scalenet_d2.modeling.allocation import SCALES, Allocation, StageAllocation, load_allocation
@@ -347,33 +348,11 @@ def test_seed_checkpoint_errors(tmp_path):
 # ----------------------------------------------------------------------------- tools end to end
 
 
-def _write_image_folder(root: Path, split: str, per_class: int, seed: int):
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(seed)
-    for label, shape in enumerate(("ellipse", "rectangle", "triangle")):
-        folder = root / split / f"class_{shape}"
-        folder.mkdir(parents=True)
-        for n in range(per_class):
-            img = Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(0, 120, 3)))
-            draw = ImageDraw.Draw(img)
-            x0, y0 = (int(v) for v in rng.integers(4, 24, 2))
-            x1, y1 = x0 + int(rng.integers(20, 36)), y0 + int(rng.integers(20, 36))
-            colour = tuple(int(v) for v in rng.integers(140, 256, 3))
-            if shape == "ellipse":
-                draw.ellipse((x0, y0, x1, y1), fill=colour)
-            elif shape == "rectangle":
-                draw.rectangle((x0, y0, x1, y1), fill=colour)
-            else:
-                draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=colour)
-            img.save(folder / f"{n}.png")
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("imagefolder")
-    _write_image_folder(root, "train", 6, seed=1)
-    _write_image_folder(root, "val", 2, seed=2)
+    write_image_folder(root, "train", 6, seed=1)
+    write_image_folder(root, "val", 2, seed=2)
     return root
 
 

@@ -160,6 +160,9 @@ def test_missing_weights_fail_at_start_with_instruction(env, tmp_path):
     assert "MODEL.WEIGHTS 'pretrained/ScaleNet-50.pkl'" in log
     assert os.path.join(str(tmp_path), "ScaleNet-50.pkl") in log  # every place it looked
     assert "python tools/convert_scalenet_to_d2.py" in log and "Traceback" not in log
+    # where the weights are and what they are
+    assert "github.com/Eli-YiLi/ScaleNet" in log and "extract code f1c5" in log and "120 epochs" in log
+    assert "22.02/6.05 (published)" in log
     rc, log = train_net(
         e,
         "--config-file",
@@ -168,7 +171,10 @@ def test_missing_weights_fail_at_start_with_instruction(env, tmp_path):
         str(tmp_path),
         timeout=120,
     )
-    assert rc != 0 and "convert-torchvision-to-d2.py" in log and "Traceback" not in log
+    assert rc != 0 and "Traceback" not in log
+    assert "ResNet50_Weights.IMAGENET1K_V1 (https://download.pytorch.org/models/resnet50-0676ba61.pth)" in log
+    assert "top-1 accuracy 76.13%" in log
+    assert "python tools/convert_scalenet_to_d2.py resnet50-0676ba61.pth pretrained/R-50-torchvision.pkl" in log
 
 
 def test_missing_coco_fails_at_start_naming_path(env, tmp_path):

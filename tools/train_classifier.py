@@ -5,6 +5,10 @@ Trains the over-complete seed network of data-driven neuron allocation (default)
 --allocation, the final network from an allocation file (from scratch, or from the seed's kept
 neurons with --init-weights). Checkpoints are published-layout classifier weights.
 
+With --resnet-twin it trains the ResNet twin of --allocation (or ResNet-<--depth>) by exactly the
+same recipe and data pipeline, so that both arms of a detection comparison start from ImageNet
+weights trained alike. Either checkpoint converts with tools/convert_scalenet_to_d2.py.
+
     # one process (CPU or one GPU)
     python tools/train_classifier.py /data/imagenet --depth 50 --output-dir output/seed50
     # 8 GPUs
@@ -44,6 +48,11 @@ def parse_args(argv=None):
     net.add_argument("--allocation", help="train this allocation (name or file) instead of a seed: the final network")
     net.add_argument(
         "--init-weights", help="initialise from these weights (e.g. tools/allocate.py --inherit-weights) to fine-tune"
+    )
+    net.add_argument(
+        "--resnet-twin",
+        action="store_true",
+        help="train the ResNet twin of --allocation (or ResNet-<depth>) instead: torchvision's layout, same recipe",
     )
     net.add_argument("--sync-bn", action="store_true", help="SyncBN across processes")
     opt = p.add_argument_group("recipe")
@@ -86,6 +95,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.allocation and (args.base or args.multiplier != 1.0):
         p.error("--allocation trains a given allocation; --base/--multiplier only describe seeds")
+    if args.resnet_twin and (args.base or args.multiplier != 1.0):
+        p.error("--resnet-twin trains the twin of --allocation or --depth; --base/--multiplier only describe seeds")
+    if args.resnet_twin and args.gamma_l1:
+        p.error("--gamma-l1 penalises the SA-branch BN gammas of a ScaleNet seed; a ResNet twin has none")
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")

@@ -20,6 +20,7 @@ from ..modeling.allocation import STAGE_NAMES
 from ..modeling.scalenet import ScaleNet
 from .published import (
     EXPECTED_INPUT,
+    NETWORK_KEY,
     SCALENET_AUTHOR,
     CheckpointMismatchError,
     _describe_differences,
@@ -34,7 +35,6 @@ __all__ = ["ScaleNetCheckpointer"]
 logger = logging.getLogger(__name__)
 
 CONVERT_COMMAND = "python tools/convert_scalenet_to_d2.py {path} pretrained/{stem}.pkl"
-TORCHVISION_COMMAND = "python <detectron2>/tools/convert-torchvision-to-d2.py {path} pretrained/{stem}.pkl"
 
 # Checkpoint entries a backbone-only (ImageNet) checkpoint may carry that no detector uses:
 # the classifier (fc, fc1000 in detectron2's MSRA pickles) and BN's step counters.
@@ -216,7 +216,7 @@ class ScaleNetCheckpointer(DetectionCheckpointer):
         kind = _looks_published(k[len("module.") :] if k.startswith("module.") else k for k in model)
         if kind is not None:
             stem = os.path.splitext(os.path.basename(filename))[0]
-            command = (CONVERT_COMMAND if kind == "scalenet" else TORCHVISION_COMMAND).format(path=filename, stem=stem)
+            command = CONVERT_COMMAND.format(path=filename, stem=stem)
             raise CheckpointMismatchError(
                 f"{filename} is an unconverted ImageNet {'ScaleNet' if kind == 'scalenet' else 'ResNet'} checkpoint "
                 f"(keys conv1, bn1, layer1..4, fc); convert it first:\n    {command}\n"
@@ -226,11 +226,25 @@ class ScaleNetCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         if checkpoint.get("__author__") == SCALENET_AUTHOR:
-            checkpoint = self._place_scalenet_weights(checkpoint)
+            self._log_provenance(checkpoint)
+            if checkpoint.get(NETWORK_KEY, "scalenet") == "scalenet":
+                checkpoint = self._place_scalenet_weights(checkpoint)
         self._check_values(checkpoint)
         incompatible = super()._load_model(checkpoint)
         self._check_body_loaded(incompatible, heuristic=bool(checkpoint.get("matching_heuristics")))
         return incompatible
+
+    def _log_provenance(self, checkpoint):
+        """Which ImageNet file the converted weights came from, so that runs can tell whether they
+        started from the same one."""
+        network = "ResNet twin" if checkpoint.get(NETWORK_KEY) == "resnet_twin" else "ScaleNet"
+        allocation = (checkpoint.get("scalenet_allocation") or {}).get("name", "unknown")
+        source = checkpoint.get("scalenet_source") or "unknown"
+        sha256 = checkpoint.get("scalenet_source_sha256") or "not recorded (converted by an older scalenet_d2)"
+        logger.info(
+            f"{self._source()}: ImageNet weights of the {network} of allocation '{allocation}', converted by "
+            f"scalenet_d2 from {source} (sha256 {sha256})"
+        )
 
     def _source(self):
         return getattr(self, "_loading_path", None) or "checkpoint"

@@ -3,14 +3,15 @@
 
 A torch.save'd dict (weights_only-loadable):
     "model"          state_dict in the published layout (conv1, bn1, layer1..layer4, fc)
-    ALLOCATION_KEY   the network's allocation (project format, as a dict)
+    ALLOCATION_KEY   the network's allocation (project format, as a dict); for a ResNet twin,
+                     the allocation whose twin it is
+    NETWORK_KEY      "scalenet", or "resnet_twin" (torchvision's ResNet layout); absent: "scalenet"
     SEED_KEY         seeds only: {"allocation", "multiplier", "base"}; marks a seed network
     "classes", "metrics", "args", "epoch", "iteration"
     checkpoint.pth only, to resume: "optimizer", "lr_scheduler", "scaler"
 Plain published-layout state_dicts are read too (as seeds: allocation inferred from shapes).
 """
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -20,11 +21,22 @@ import torch
 
 from ..atomic import atomic_torch_save
 from ..modeling.allocation import SCALES, STAGE_NAMES, Allocation, AllocationError
-from .published import CheckpointMismatchError, check_published_state_dict, infer_allocation, published_state_dict
+from .published import (
+    CheckpointMismatchError,
+    _describe_differences,
+    _first_differences,
+    _shape,
+    check_published_state_dict,
+    file_sha256,
+    infer_allocation,
+    published_state_dict,
+)
 
 __all__ = [
     "SEED_KEY",
     "ALLOCATION_KEY",
+    "NETWORK_KEY",
+    "NETWORKS",
     "CHECKPOINT",
     "FINAL",
     "ClassifierCheckpointError",
@@ -40,6 +52,8 @@ __all__ = [
 
 SEED_KEY = "scalenet_d2_seed"  # marks a seed network
 ALLOCATION_KEY = "scalenet_d2_allocation"  # the trained network's allocation
+NETWORK_KEY = "scalenet_d2_network"
+NETWORKS = ("scalenet", "resnet_twin")
 CHECKPOINT = "checkpoint.pth"  # latest state, with optimizer; rewritten atomically after every epoch
 FINAL = "model_final.pth"  # weights only, written when all epochs are done
 
@@ -49,12 +63,20 @@ class ClassifierCheckpointError(ValueError):
 
 
 def classifier_state(
-    model, allocation: Allocation, seed_meta: Optional[dict], classes, args: dict, metrics: dict, **extra
+    model,
+    allocation: Allocation,
+    seed_meta: Optional[dict],
+    classes,
+    args: dict,
+    metrics: dict,
+    network: str = "scalenet",
+    **extra,
 ):
     """The checkpoint dict of a classifier; `extra`: epoch, iteration and training state."""
     state = {
-        "model": model.state_dict(),  # published ImageNet layout
+        "model": model.state_dict(),  # published ImageNet layout (torchvision's for a ResNet twin)
         ALLOCATION_KEY: allocation.to_dict(),
+        NETWORK_KEY: network,
         "classes": list(classes),
         "metrics": dict(metrics),
         "args": dict(args),
@@ -81,13 +103,20 @@ def _torch_load(path: str, source: str):
 
 
 def load_init_weights(model, path):
-    """Initialise `model` (a ScaleNetClassifier) from a classifier checkpoint of the same allocation and classes."""
+    """Initialise `model` (a ScaleNetClassifier or ResNetTwinClassifier) from a classifier
+    checkpoint of the same network and classes (a ResNet twin's: also torchvision's weights)."""
     source = f"--init-weights {path}"
     sd = extract_state_dict(_torch_load(path, source), source)
-    try:
-        check_published_state_dict(sd, model.allocation, source)  # every key but fc.*, shape by shape
-    except CheckpointMismatchError as e:
-        raise ClassifierCheckpointError(str(e)) from None
+
+    def body(state):  # every key but fc.* and BN's step counters, shape by shape
+        return {k: _shape(v) for k, v in state.items() if not k.startswith("fc.") and "num_batches_tracked" not in k}
+
+    differences = _first_differences(body(model.state_dict()), body(sd))
+    if any(differences):
+        raise ClassifierCheckpointError(
+            f"{source} does not fit the {type(model).__name__} of allocation {model.allocation.describe()}: "
+            + _describe_differences(*differences, "checkpoint", "model")
+        )
     expected_fc = {k: tuple(v.shape) for k, v in model.fc.state_dict(prefix="fc.").items()}
     found_fc = {k: tuple(v.shape) for k, v in sd.items() if k.startswith("fc.")}
     if found_fc != expected_fc:
@@ -97,8 +126,8 @@ def load_init_weights(model, path):
     model.load_state_dict(sd)
 
 
-def load_training_state(path, allocation):
-    """The training state of a checkpoint.pth, checked to be of `allocation`'s network."""
+def load_training_state(path, allocation, network: str = "scalenet"):
+    """The training state of a checkpoint.pth, checked to be of `allocation`'s `network`."""
     state = _torch_load(path, f"--resume {path}")
     if not isinstance(state, dict) or ALLOCATION_KEY not in state:
         raise ClassifierCheckpointError(
@@ -112,6 +141,12 @@ def load_training_state(path, allocation):
         raise ClassifierCheckpointError(
             f"--resume {path}: field '{ALLOCATION_KEY}' is allocation {saved.name!r}, not the requested {allocation.name!r}; "
             "expected the same --depth/--base/--multiplier/--allocation as the run that wrote it"
+        )
+    saved_network = state.get(NETWORK_KEY, "scalenet")
+    if saved_network != network:
+        raise ClassifierCheckpointError(
+            f"--resume {path}: field '{NETWORK_KEY}' is {saved_network!r}, not the requested {network!r}; expected "
+            "the same --resnet-twin setting as the run that wrote it"
         )
     return state
 
@@ -129,14 +164,6 @@ class SeedCheckpoint:
     num_classes: int
     epoch: Optional[int] = None
     iteration: Optional[int] = None
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def extract_state_dict(obj, source: str) -> Dict[str, torch.Tensor]:

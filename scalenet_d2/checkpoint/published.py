@@ -10,7 +10,15 @@ The published layout (torchvision-like) and ours differ only outside the blocks:
 
 `convert_published_checkpoint` writes detectron2's pickle format (as detectron2's
 convert-torchvision-to-d2.py does), marked `"__author__": "scalenet_d2"` and carrying the
-allocation. detectron2's DetectionCheckpointer loads it by suffix matching, but skips a
+allocation and the input file's name and sha256. It converts the ResNet arm as well: a
+checkpoint in torchvision's ResNet layout (torchvision's ImageNet ResNets, or the ResNet twins
+tools/train_classifier.py --resnet-twin writes) becomes detectron2's ResNet keys, checked
+against the twin of its allocation:
+
+    conv1 / bn1                    -> stem.conv1 / stem.conv1.norm
+    layer{L}.{b}.conv{k} / bn{k}   -> res{L+1}.{b}.conv{k} / res{L+1}.{b}.conv{k}.norm
+    layer{L}.{b}.downsample.0 / .1 -> res{L+1}.{b}.shortcut / res{L+1}.{b}.shortcut.norm
+ detectron2's DetectionCheckpointer loads it by suffix matching, but skips a
 tensor whose shape differs with only a warning; `ScaleNetCheckpointer` instead refuses a
 converted checkpoint that does not fit the model's ScaleNet, naming the first mismatching
 key and both shapes.
@@ -20,6 +28,7 @@ expect the standard PyTorch ImageNet recipe (`EXPECTED_INPUT`): RGB, mean 0.485/
 and std 0.229/0.224/0.225 of 0-255 pixels, which is the likely one.
 """
 
+import hashlib
 import logging
 import os
 import pickle
@@ -56,6 +65,11 @@ __all__ = [
     "ConversionResult",
     "convert_published_state_dict",
     "convert_published_checkpoint",
+    "convert_resnet_twin_state_dict",
+    "twin_key_shapes",
+    "to_d2_twin_key",
+    "file_sha256",
+    "NETWORK_KEY",
     "describe_unreadable",
     "first_non_finite",
 ]
@@ -63,6 +77,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SCALENET_AUTHOR = "scalenet_d2"
+# which network a converted checkpoint holds: "scalenet" (placed on the ScaleNet body by exact
+# name) or "resnet_twin" (detectron2's ResNet keys, placed by detectron2's suffix matching)
+NETWORK_KEY = "scalenet_network"
 
 # What the converted ImageNet weights expect (assumed: the release does not say; see above).
 EXPECTED_INPUT = {
@@ -171,6 +188,10 @@ def published_state_dict(obj, source: str = "<checkpoint>") -> Dict[str, torch.T
 def load_published_state_dict(path: str, allow_pickle: bool = False) -> Dict[str, torch.Tensor]:
     """Read a published checkpoint file. Only tensors and plain containers are unpickled
     unless `allow_pickle` (for trusted files that hold other objects)."""
+    return published_state_dict(_load_checkpoint_object(path, allow_pickle), source=path)
+
+
+def _load_checkpoint_object(path: str, allow_pickle: bool):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
@@ -183,7 +204,7 @@ def load_published_state_dict(path: str, allow_pickle: bool = False) -> Dict[str
                 "if you trust the file, allow full unpickling (--allow-pickle)"
             ) from None
         raise CheckpointMismatchError(describe_unreadable(path, e)) from None
-    return published_state_dict(obj, source=path)
+    return obj
 
 
 def infer_allocation(state_dict: Mapping[str, torch.Tensor], source: str = "<state_dict>") -> Allocation:
@@ -262,23 +283,49 @@ def check_published_state_dict(
 # ----------------------------------------------------------------------------- converting
 @dataclass
 class ConversionResult:
-    model: Dict[str, np.ndarray]  # detectron2 names (relative to the ScaleNet body) -> weights
-    allocation: Allocation
+    model: Dict[str, np.ndarray]  # detectron2 names (relative to the backbone body) -> weights
+    allocation: Allocation  # the ScaleNet's, or the allocation whose ResNet twin this is
     dropped_classifier: List[Tuple[str, Tuple[int, ...]]] = field(default_factory=list)
     dropped_counters: int = 0  # BN num_batches_tracked entries
+    network: str = "scalenet"  # or "resnet_twin"
 
-    def checkpoint(self, source: str = "") -> Dict:
+    def checkpoint(self, source: str = "", sha256: str = "") -> Dict:
         """detectron2's pickle checkpoint format, marked as ours."""
         return {
             "model": self.model,
             "__author__": SCALENET_AUTHOR,
             # suffix matching lets plain DetectionCheckpointer load it under any prefix
-            # (backbone. or backbone.bottom_up.); ScaleNetCheckpointer places it exactly
+            # (backbone. or backbone.bottom_up.); ScaleNetCheckpointer places ScaleNet weights exactly
             "matching_heuristics": True,
+            NETWORK_KEY: self.network,
             "scalenet_allocation": self.allocation.to_dict(),
             "scalenet_source": source,
+            "scalenet_source_sha256": sha256,
             "scalenet_expected_input": dict(EXPECTED_INPUT),
         }
+
+
+def _rename_checked(state_dict, rename, source: str, result: ConversionResult) -> ConversionResult:
+    """Fills `result.model` with `rename(key)` -> weights; drops fc.* and BN step counters;
+    refuses non-floating or non-finite weights, naming the key."""
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            result.dropped_counters += 1
+            continue
+        if key.startswith("fc."):
+            result.dropped_classifier.append((key, _shape(value)))
+            continue
+        if not value.is_floating_point():
+            raise CheckpointMismatchError(
+                f"{source}: {key} holds {value.dtype} values; expected floating-point weights (float32 in the release)"
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointMismatchError(
+                f"{source}: {key} holds nan or inf values; expected finite weights (the checkpoint of a diverged "
+                "or corrupted run?)"
+            )
+        result.model[rename(key)] = value.detach().cpu().numpy()
+    return result
 
 
 def convert_published_state_dict(
@@ -291,26 +338,90 @@ def convert_published_state_dict(
     state_dict = published_state_dict(state_dict, source)
     allocation = infer_allocation(state_dict, source) if allocation is None else load_allocation(allocation)
     check_published_state_dict(state_dict, allocation, source)
-    result = ConversionResult(model={}, allocation=allocation)
-    for key, value in state_dict.items():
-        if key.endswith("num_batches_tracked"):
-            result.dropped_counters += 1
-            continue
-        d2_key = to_d2_key(key)
-        if d2_key is None:
-            result.dropped_classifier.append((key, _shape(value)))
-            continue
-        if not value.is_floating_point():
+    return _rename_checked(state_dict, to_d2_key, source, ConversionResult(model={}, allocation=allocation))
+
+
+# ----------------------------------------------------------------------------- ResNet twins
+def is_resnet_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """torchvision's ResNet layout: one 3x3 conv2 per block where ScaleNet has conv2.{i}."""
+    return "layer1.0.conv2.weight" in state_dict
+
+
+def to_d2_twin_key(torchvision_key: str) -> str:
+    """The detectron2 ResNet name of a torchvision ResNet key (relative to the body)."""
+    if torchvision_key == "conv1.weight":
+        return "stem.conv1.weight"
+    if torchvision_key.startswith("bn1."):
+        return "stem.conv1.norm." + torchvision_key[len("bn1.") :]
+    match = re.match(r"^layer([1-4])\.(\d+)\.(conv|bn)([1-3])\.(\w+)$", torchvision_key)
+    if match:
+        layer, block, kind, k, leaf = match.groups()
+        return f"res{int(layer) + 1}.{block}.conv{k}." + ("norm." if kind == "bn" else "") + leaf
+    match = re.match(r"^layer([1-4])\.(\d+)\.downsample\.([01])\.(\w+)$", torchvision_key)
+    if match:
+        layer, block, index, leaf = match.groups()
+        return f"res{int(layer) + 1}.{block}.shortcut." + ("norm." if index == "1" else "") + leaf
+    raise CheckpointMismatchError(
+        f"key {torchvision_key!r} is not in torchvision's ResNet layout (conv1, bn1, layer1..layer4 with conv1..3, "
+        "bn1..3, downsample, fc)"
+    )
+
+
+def twin_key_shapes(allocation: Allocation) -> Dict[str, Tuple[int, ...]]:
+    """Shape of every torchvision-layout key of `allocation`'s ResNet twin (fc.* and BN step
+    counters excluded), from its classifier built on the meta device."""
+    from ..modeling.classification import ResNetTwinClassifier
+
+    with torch.device("meta"):
+        model = ResNetTwinClassifier(allocation, num_classes=1, norm="BN")
+    return {
+        k: _shape(v)
+        for k, v in model.state_dict().items()
+        if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    }
+
+
+def _twin_differences(state_dict, allocation):
+    found = {
+        k: _shape(v) for k, v in state_dict.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    }
+    return _first_differences(twin_key_shapes(allocation), found)
+
+
+def convert_resnet_twin_state_dict(
+    state_dict: Mapping[str, torch.Tensor], allocation=None, source: str = "<state_dict>"
+) -> ConversionResult:
+    """Check a torchvision-layout ResNet state_dict against the ResNet twin of `allocation`
+    and rename it to detectron2's ResNet keys. Without an allocation, the bundled allocation
+    whose twin it is (ResNet-50/101/152: scalenet50/101/152)."""
+    state_dict = published_state_dict(state_dict, source)
+    if allocation is None:
+        fits = [name for name in BUNDLED_ALLOCATIONS if not any(_twin_differences(state_dict, load_allocation(name)))]
+        if not fits:
             raise CheckpointMismatchError(
-                f"{source}: {key} holds {value.dtype} values; expected floating-point weights (float32 in the release)"
+                f"{source}: a ResNet checkpoint (torchvision's layout) that is the twin of no bundled allocation "
+                f"({', '.join(BUNDLED_ALLOCATIONS)}); give the allocation whose twin it is (--allocation)"
             )
-        if not bool(torch.isfinite(value).all()):
-            raise CheckpointMismatchError(
-                f"{source}: {key} holds nan or inf values; expected finite weights (the checkpoint of a diverged "
-                "or corrupted run?)"
-            )
-        result.model[d2_key] = value.detach().cpu().numpy()
-    return result
+        allocation = load_allocation(fits[0])  # twins depend on stem, widths and blocks only: the first is as good
+    else:
+        allocation = load_allocation(allocation)
+    differences = _twin_differences(state_dict, allocation)
+    if any(differences):
+        raise CheckpointMismatchError(
+            f"{source} does not fit the ResNet twin of allocation {allocation.describe()}: "
+            + _describe_differences(*differences, "checkpoint", "twin")
+        )
+    result = ConversionResult(model={}, allocation=allocation, network="resnet_twin")
+    return _rename_checked(state_dict, to_d2_twin_key, source, result)
+
+
+# ----------------------------------------------------------------------------- converting files
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def convert_published_checkpoint(
@@ -320,17 +431,36 @@ def convert_published_checkpoint(
     allow_pickle: bool = False,
     log: Callable[[str], None] = print,
 ) -> ConversionResult:
-    """Convert a published ImageNet checkpoint file into detectron2's pickle format at `out_path`."""
+    """Convert an ImageNet checkpoint file into detectron2's pickle format at `out_path`: a
+    published ScaleNet (or one tools/train_classifier.py trained), or a ResNet in torchvision's
+    layout (torchvision's, or a twin tools/train_classifier.py --resnet-twin trained)."""
     if not out_path.endswith(".pkl"):
         raise ValueError(f"output {out_path!r}: must end in .pkl (detectron2 reads pickle checkpoints by that suffix)")
-    state_dict = load_published_state_dict(in_path, allow_pickle=allow_pickle)
-    result = convert_published_state_dict(state_dict, allocation, source=in_path)
-    write_atomically({out_path: bytes_writer(pickle.dumps(result.checkpoint(source=os.path.basename(in_path))))})
+    obj = _load_checkpoint_object(in_path, allow_pickle)
+    state_dict = published_state_dict(obj, source=in_path)
+    sha256 = file_sha256(in_path)
+    log(f"Input: {in_path} ({os.path.getsize(in_path)} bytes), sha256 {sha256}")
+    twin = is_resnet_layout(state_dict)
+    if twin and allocation is None:
+        allocation = _recorded_allocation(obj, in_path)
+        how = "recorded in the checkpoint" if allocation is not None else "matched by the weight shapes"
+    else:
+        how = "given" if allocation is not None else "inferred from the weight shapes"
+    convert = convert_resnet_twin_state_dict if twin else convert_published_state_dict
+    result = convert(state_dict, allocation, source=in_path)
+    checkpoint = result.checkpoint(source=os.path.basename(in_path), sha256=sha256)
+    write_atomically({out_path: bytes_writer(pickle.dumps(checkpoint))})
 
     alloc = result.allocation
-    how = "given" if allocation is not None else "inferred from the weight shapes"
     bundled = alloc.name in BUNDLED_ALLOCATIONS and load_allocation(alloc.name).same_network(alloc)
-    log(f"Allocation ({how}): {alloc.describe()}" + (" - a bundled allocation" if bundled else ""))
+    if twin:
+        blocks = "/".join(str(n) for n in alloc.blocks_per_stage)
+        log(
+            f"ResNet twin of allocation {alloc.name!r} ({how}): stem {alloc.stem_channels}, bottleneck widths "
+            f"{'/'.join(str(st.planes) for st in alloc.stages)}, blocks {blocks}"
+        )
+    else:
+        log(f"Allocation ({how}): {alloc.describe()}" + (" - a bundled allocation" if bundled else ""))
     if bundled:
         config_value = alloc.name
     elif isinstance(allocation, (str, os.PathLike)):
@@ -339,19 +469,39 @@ def convert_published_checkpoint(
         config_value = out_path[: -len(".pkl")] + ".allocation.json"
         alloc.save(config_value)
         log(f"Wrote the allocation to {config_value}.")
-    log(f"Converted {len(result.model)} tensors (conv1/bn1 -> stem.conv1[.norm], layerL -> res(L+1)).")
+    renamed = "conv1/bn1 -> stem.conv1[.norm], layerL -> res(L+1)" + (
+        ", bnK -> convK.norm, downsample -> shortcut" if twin else ""
+    )
+    log(f"Converted {len(result.model)} tensors ({renamed}).")
     if result.dropped_classifier:
         dropped = ", ".join(f"{k} {s}" for k, s in result.dropped_classifier)
         log(f"Dropped the ImageNet classifier: {dropped}.")
     if result.dropped_counters:
         log(f"Dropped {result.dropped_counters} BN num_batches_tracked counters (not weights).")
-    log(f"Wrote {out_path}. Use it with:")
+    log(f"Wrote {out_path} (source name and sha256 in its metadata). Use it with:")
     log(f"  MODEL.WEIGHTS {out_path}")
-    log(f"  MODEL.SCALENET.ALLOCATION {config_value}")
+    if twin:
+        where = f"the R{alloc.depth} configs, or " if bundled else ""
+        log(
+            f"  in a ResNet twin config: {where}MODEL.BACKBONE.NAME build_resnet_twin_fpn_backbone with "
+            f"MODEL.SCALENET.ALLOCATION {config_value} (both with MODEL.RESNETS.STRIDE_IN_1X1 False)"
+        )
+    else:
+        log(f"  MODEL.SCALENET.ALLOCATION {config_value}")
     for key, value in EXPECTED_INPUT.items():
         log(f"  {key} {value}")
-    log("  (assumed: the release does not state its input normalisation; see docs/model.md)")
+    if not twin:
+        log("  (assumed: the release does not state its input normalisation; see docs/model.md)")
     return result
+
+
+def _recorded_allocation(obj, source: str) -> Optional[Allocation]:
+    """The allocation a tools/train_classifier.py --resnet-twin checkpoint records, or None."""
+    from .classifier import ALLOCATION_KEY  # the classifier format's own key; classifier.py imports this module
+
+    if not isinstance(obj, Mapping) or ALLOCATION_KEY not in obj:
+        return None
+    return Allocation.from_dict(obj[ALLOCATION_KEY], source=f"{source}: field '{ALLOCATION_KEY}'")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -16,8 +16,11 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..atomic import bytes_writer, write_atomically
+from ..checkpoint.checkpointer import CONVERT_COMMAND
+from ..checkpoint.sources import weights_source
 from ..config import add_scalenet_config
 from ..data import check_datasets  # importing it registers the synthetic splits
 from ..modeling.allocation import BUNDLED_ALLOCATIONS
@@ -84,21 +87,16 @@ def resolve_weights(cfg, config_file, eval_only=False, required=True):
             f"MODEL.WEIGHTS '{weights}' is not a file; looked for: {looked}. --eval-only needs a "
             f"trained detection checkpoint, e.g. OUTPUT_DIR/model_final.pth of a training run."
         )
-    if "scalenet" in cfg.MODEL.BACKBONE.NAME:
-        how = (
-            f"convert the published ImageNet ScaleNet checkpoint with\n"
-            f"    python tools/convert_scalenet_to_d2.py <published {os.path.splitext(name)[0]} .pth> pretrained/{name}"
-        )
+    source = weights_source(name)
+    if source is not None:
+        how = f"{name} is {source.origin}; {source.published}. Convert it with\n    {source.convert_command()}"
     else:
-        how = (
-            "convert torchvision's ImageNet ResNet (RGB input, same normalisation as the ScaleNet\n"
-            "weights) with detectron2's tools/convert-torchvision-to-d2.py:\n"
-            f"    python convert-torchvision-to-d2.py <torchvision resnet .pth> pretrained/{name}"
-        )
+        command = CONVERT_COMMAND.format(path="<checkpoint .pth>", stem=os.path.splitext(name)[0])
+        how = f"convert an ImageNet checkpoint (ScaleNet, or a ResNet in torchvision's layout) with\n    {command}"
     raise StartupError(
         f"MODEL.WEIGHTS '{weights}' (set by {config_file}) is not a file; looked for: "
         f"{looked}.\nThese are ImageNet weights converted for detectron2: {how}\n"
-        f"(docs/model.md, 'Converting ImageNet checkpoints'). Or set {PRETRAINED_ENV}=DIR when they are in DIR/, pass "
+        f"(docs/model.md, 'Getting ImageNet weights'). Or set {PRETRAINED_ENV}=DIR when they are in DIR/, pass "
         f'MODEL.WEIGHTS /path/to/file, or MODEL.WEIGHTS "" to train from scratch.'
     )
 
@@ -305,5 +303,7 @@ class OutputDirGuard:
 def setup(args):
     cfg = build_config(args)
     default_setup(cfg, args)
+    # default_setup logs detectron2's and fvcore's loggers; ours (weights' provenance, hooks) go to log.txt too
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="scalenet_d2", abbrev_name="sd2")
     check_inputs(cfg, args)
     return cfg

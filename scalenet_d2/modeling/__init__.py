@@ -12,7 +12,7 @@ from .allocation import (
     StageAllocation,
     load_allocation,
 )
-from .classification import ScaleNetClassifier
+from .classification import ResNetTwinClassifier, ScaleNetClassifier
 from .resnet_twin import build_resnet_twin_fpn_backbone, resnet_twin
 from .scalenet import (
     FAST_PATH_MODES,

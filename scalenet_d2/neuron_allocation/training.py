@@ -1,5 +1,6 @@
 """Training a ScaleNet classifier on ImageFolder (ImageNet-layout) data: the over-complete seed
-of data-driven neuron allocation, or the final network of an allocation (tools/train_classifier.py).
+of data-driven neuron allocation, the final network of an allocation, or that network's ResNet
+twin by the same recipe (tools/train_classifier.py).
 
 Single process, or one process per GPU under torchrun. Per-iteration learning rate from torch's
 schedulers (linear warm-up, then cosine or steps). Checkpoints: `classifier_checkpoint`.
@@ -10,9 +11,11 @@ import datetime
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -30,7 +33,7 @@ from ..checkpoint.classifier import (
 )
 from ..data.resumable import without_worker_traceback
 from ..modeling.allocation import load_allocation
-from ..modeling.classification import ScaleNetClassifier
+from ..modeling.classification import ResNetTwinClassifier, ScaleNetClassifier
 from .pruning import sa_gamma_l1, seed_allocation
 
 __all__ = ["DatasetError", "build_lr_scheduler", "ClassifierTrainer", "train_classifier"]
@@ -133,11 +136,12 @@ def build_data(args, world, rank):
             f"dataset folder {args.data}/train has {len(train)} images, fewer than one global batch "
             f"({args.batch_size} x {world} processes); expected more images or a smaller --batch-size"
         )
-    train_sampler = DistributedSampler(train, world, rank, shuffle=True, seed=args.seed) if world > 1 else None
-    kw = dict(num_workers=args.workers, pin_memory=torch.cuda.is_available(), persistent_workers=args.workers > 0)
-    train_loader = DataLoader(
-        train, args.batch_size, shuffle=train_sampler is None, sampler=train_sampler, drop_last=True, **kw
-    )
+    # The order of an epoch depends on (seed, epoch) only, in one process as in many; workers are
+    # started per epoch and seeded from the per-epoch RNG (ClassifierTrainer._run_epoch), so a run
+    # resumed at an epoch's end draws what an uninterrupted one would.
+    train_sampler = DistributedSampler(train, world, rank, shuffle=True, seed=args.seed)
+    kw = dict(num_workers=args.workers, pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    train_loader = DataLoader(train, args.batch_size, sampler=train_sampler, drop_last=True, **kw)
     val_loader = None
     if val is not None:
         val_sampler = DistributedSampler(val, world, rank, shuffle=False) if world > 1 else None
@@ -159,8 +163,10 @@ def build_lr_scheduler(optimizer, schedule: str, total_iters: int, warmup_iters:
         main = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     if warmup_iters <= 0:
         return main
-    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup_iters)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[warmup_iters])
+    with warnings.catch_warnings():  # SequentialLR steps its first scheduler before any optimizer step
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
+        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup_iters)
+        return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[warmup_iters])
 
 
 @torch.no_grad()
@@ -227,9 +233,14 @@ class ClassifierTrainer:
             base = args.base or args.depth
             self.allocation = seed_allocation(base, args.multiplier)
             self.seed_meta = {"allocation": self.allocation.to_dict(), "multiplier": args.multiplier, "base": str(base)}
+        # a twin has the allocation's stem, widths and blocks: that of a seed is ResNet-<depth>
+        self.network = "resnet_twin" if args.resnet_twin else "scalenet"
+        if args.resnet_twin:
+            self.seed_meta = None
         norm = "SyncBN" if (args.sync_bn and self.world > 1) else "BN"
         classes = len(self.train_set.classes)
-        self.model = ScaleNetClassifier(self.allocation, num_classes=classes, norm=norm).to(self.device)
+        net = ResNetTwinClassifier if args.resnet_twin else ScaleNetClassifier
+        self.model = net(self.allocation, num_classes=classes, norm=norm).to(self.device)
         if args.init_weights:
             load_init_weights(self.model, args.init_weights)
 
@@ -264,18 +275,21 @@ class ClassifierTrainer:
         path = os.path.join(args.output_dir, CHECKPOINT) if args.resume == "auto" else args.resume
         if not path or (args.resume == "auto" and not os.path.isfile(path)):
             return  # --resume without a path and no checkpoint yet: a fresh start
-        state = load_training_state(path, self.allocation)
+        state = load_training_state(path, self.allocation, self.network)
         self.model.load_state_dict(state["model"])
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        # a partly done epoch is redone from its start; the schedule follows the iteration
+        # a partly done epoch (a --max-iters stop) is redone from its start; the schedule follows
+        # the iteration. Checkpoints written at an epoch's end resume exactly (see build_data).
         self.progress = _Progress(
             int(state["epoch"]), int(state["epoch"]) * self.iters_per_epoch, dict(state.get("metrics") or {})
         )
-        for _ in range(self.progress.iteration):
-            self.scheduler.step()
+        with warnings.catch_warnings():  # stepping the schedule to where it was, before any optimizer step
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
+            for _ in range(self.progress.iteration):
+                self.scheduler.step()
         self.resumed_from = path
 
     def _state(self, **extra):
@@ -286,6 +300,7 @@ class ClassifierTrainer:
             self.train_set.classes,
             vars(self.args),
             self.progress.metrics,
+            network=self.network,
             **extra,
         )
 
@@ -310,8 +325,9 @@ class ClassifierTrainer:
 
     def _run_epoch(self, epoch, criterion, clock):
         """One epoch, or its part up to stop_at; True when the epoch was completed."""
-        if self.train_sampler is not None:
-            self.train_sampler.set_epoch(epoch)
+        self.train_sampler.set_epoch(epoch)
+        # augmentations and worker seeds: from (seed, epoch, rank), not from what ran before
+        torch.manual_seed(int(np.random.SeedSequence([self.args.seed, epoch, self.rank]).generate_state(1)[0]))
         self.train_model.train()
         args, p = self.args, self.progress
         for i, (images, targets) in enumerate(self.train_loader):
@@ -335,7 +351,7 @@ class ClassifierTrainer:
         """Trains to --epochs (or --max-iters); returns the path of the latest checkpoint."""
         args, p = self.args, self.progress
         criterion = nn.CrossEntropyLoss()
-        kind = "seed" if self.seed_meta else "network"
+        kind = "ResNet twin of" if self.network == "resnet_twin" else "seed" if self.seed_meta else "network"
         logger.info(
             f"training {kind} {self.allocation.name!r} ({len(self.train_set.classes)} classes, {len(self.train_set)} "
             f"images) on {self.world} x {self.device.type}, global batch {args.batch_size * self.world}, lr "
