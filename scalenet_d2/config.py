@@ -9,8 +9,13 @@ def add_scalenet_config(cfg):
     """Add MODEL.SCALENET to `cfg` (in place; keys already present are left as they are).
 
     MODEL.SCALENET.ALLOCATION: a bundled allocation (scalenet50, scalenet50_light,
-        scalenet101, scalenet152, scalenet_tiny) or the path of an allocation file, in the
-        project format or the published row format. It fixes the depth, so there is no DEPTH.
+        scalenet101, scalenet152, scalenet_tiny), the path of an allocation file, in the
+        project format or the published row format, or an over-complete seed for data-driven
+        neuron allocation: "seed:<depth or allocation>[@<multiplier>]", e.g. "seed:50" (every
+        scale at the stage's ResNet width) or "seed:scalenet_tiny@2". It fixes the depth, so there is no DEPTH.
+    MODEL.SCALENET.GAMMA_L1: 0 (default) or the network-slimming L1 penalty on the SA branch
+        norms' scales (gamma), as tools/train_classifier.py --gamma-l1: loss + GAMMA_L1 x sum |gamma|.
+        Needs trainable norm scales: MODEL.SCALENET.NORM BN, SyncBN or GN, and MODEL.BACKBONE.FREEZE_AT <= 1.
     MODEL.SCALENET.OUT_FEATURES: which of res2..res5 the body returns (as RESNETS.OUT_FEATURES).
     MODEL.SCALENET.NORM: FrozenBN (default), BN, SyncBN, GN, or any norm detectron2's get_norm takes.
     MODEL.SCALENET.FAST_PATH: which forward runs (docs/fast_paths.md): "auto" (default: the exact
@@ -29,6 +34,7 @@ def add_scalenet_config(cfg):
         "NORM": "FrozenBN",
         "FAST_PATH": "auto",
         "ALLOW_PARTIAL_WEIGHTS": False,
+        "GAMMA_L1": 0.0,
     }
     if "SCALENET" not in cfg.MODEL:
         cfg.MODEL.SCALENET = CN()

@@ -70,6 +70,13 @@ IMAGENET_WEIGHTS = {
         _resnet(152, "IMAGENET1K_V1", "https://download.pytorch.org/models/resnet152-394f9c45.pth", 78.312),
         _same_recipe("ScaleNet-50-same-recipe.pkl", "ScaleNet-50", ""),
         _same_recipe("R-50-same-recipe.pkl", "the ResNet-50 twin", " --resnet-twin"),
+        ImageNetWeights(
+            "ScaleNet-seed50.pkl",
+            "<seed model_final.pth of tools/train_classifier.py --depth 50>",
+            "the over-complete ScaleNet-50 seed trained on ImageNet by tools/train_classifier.py --depth 50 "
+            "(docs/neuron_allocation.md)",
+            "none: your own run",
+        ),
     )
 }
 

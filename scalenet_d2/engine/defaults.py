@@ -23,7 +23,8 @@ from ..checkpoint.checkpointer import CONVERT_COMMAND
 from ..checkpoint.sources import weights_source
 from ..config import add_scalenet_config
 from ..data import check_datasets  # importing it registers the synthetic splits
-from ..modeling.allocation import BUNDLED_ALLOCATIONS
+from ..modeling.allocation import BUNDLED_ALLOCATIONS, SEED_PREFIX
+from ..neuron_allocation.detection import gamma_l1_config_problem
 from .launch import launch_any
 
 __all__ = [
@@ -105,7 +106,7 @@ def resolve_allocation(cfg):
     """A MODEL.SCALENET.ALLOCATION file (relative: to the current directory) must exist."""
     alloc = cfg.MODEL.SCALENET.ALLOCATION
     uses_allocation = any(k in cfg.MODEL.BACKBONE.NAME for k in ("scalenet", "resnet_twin"))
-    if not uses_allocation or alloc in BUNDLED_ALLOCATIONS or os.path.isabs(alloc):
+    if not uses_allocation or alloc in BUNDLED_ALLOCATIONS or os.path.isabs(alloc) or alloc.startswith(SEED_PREFIX):
         return
     candidates = [os.path.abspath(alloc)]
     for path in candidates:
@@ -146,6 +147,9 @@ def build_config(args, announce=False):
 
 def check_inputs(cfg, args):
     """Fails at start naming the missing path, instead of deep inside data loading."""
+    problem = None if args.eval_only else gamma_l1_config_problem(cfg)
+    if problem:
+        raise StartupError(problem)
     names = list(cfg.DATASETS.TEST) if args.eval_only else list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     try:
         check_datasets(names)

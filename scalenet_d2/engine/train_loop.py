@@ -18,6 +18,8 @@ from ..checkpoint import ScaleNetCheckpointer
 from ..data import explain_dataset_failure
 from ..data.resumable import NamedMapper, build_resumable_train_loader, start_iterating, stream_loader
 from ..evaluation import build_coco_evaluator
+from ..modeling.allocation import SEED_PREFIX
+from ..neuron_allocation.detection import GammaSparsity, add_gamma_l1
 from .hooks import METRICS_WINDOW, MetricsWriter, RNGStates
 
 __all__ = ["TrainingDivergedError", "Trainer", "evaluate"]
@@ -74,6 +76,8 @@ class Trainer(DefaultTrainer):
         self._restored = {}
         super().__init__(cfg)
         self._trainer.optimizer.register_step_pre_hook(self._check_gradients)
+        if cfg.MODEL.SCALENET.GAMMA_L1 > 0:  # a seed detector for neuron allocation
+            add_gamma_l1(self._trainer.optimizer, self._trainer.model, cfg.MODEL.SCALENET.GAMMA_L1)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -108,6 +112,10 @@ class Trainer(DefaultTrainer):
         # on every process just before the checkpointer, which only the main process has (and the evaluation)
         later = (hooks.PeriodicCheckpointer, hooks.EvalHook)
         built.insert(next((i for i, h in enumerate(built) if isinstance(h, later)), len(built)), self._rng_states)
+        if self.cfg.MODEL.SCALENET.GAMMA_L1 > 0 or self.cfg.MODEL.SCALENET.ALLOCATION.startswith(SEED_PREFIX):
+            # before the writers, at their period (detectron2's DefaultTrainer writes every 20 iterations)
+            writer = next((i for i, h in enumerate(built) if isinstance(h, hooks.PeriodicWriter)), len(built))
+            built.insert(writer, GammaSparsity(self._trainer.model, period=20))
         return built
 
     def build_writers(self):

@@ -423,17 +423,43 @@ def _read_json(path: Path):
         raise AllocationError(f"{path}: not valid JSON ({e}); expected an allocation file") from None
 
 
+SEED_PREFIX = "seed:"
+
+
+def _seed_from_name(text: str) -> Allocation:
+    """ "seed:<base>" or "seed:<base>@<multiplier>": the over-complete seed of data-driven neuron
+    allocation (neuron_allocation.pruning.seed_allocation), e.g. "seed:50" (ResNet-50 layout, every
+    scale at the stage's ResNet width), "seed:101@1.5", "seed:scalenet_tiny"."""
+    from ..neuron_allocation.pruning import NeuronAllocationError, seed_allocation  # builds on this module
+
+    base, _, multiplier = text[len(SEED_PREFIX) :].partition("@")
+    expected = 'expected "seed:<depth or allocation>" or "seed:<depth or allocation>@<multiplier>", e.g. "seed:50@1"'
+    try:
+        value = float(multiplier) if multiplier else 1.0
+    except ValueError:
+        raise AllocationError(f"allocation {text!r}: multiplier {multiplier!r} is not a number; {expected}") from None
+    if not base:
+        raise AllocationError(f"allocation {text!r}: no base; {expected}")
+    try:
+        return seed_allocation(base, value)
+    except NeuronAllocationError as e:
+        raise AllocationError(f"allocation {text!r}: {e}") from None
+
+
 def load_allocation(name_or_path: Union[str, os.PathLike, Allocation]) -> Allocation:
     """A bundled allocation by name, or an allocation file (project or published row format).
 
     An argument that names no bundled allocation is a path when it looks like one (has a
-    directory part or ends in .json) or when the file exists.
+    directory part or ends in .json) or when the file exists. "seed:<base>[@<multiplier>]"
+    names an over-complete seed (see `_seed_from_name`).
     """
     if isinstance(name_or_path, Allocation):
         return name_or_path
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise AllocationError(f"allocation {name_or_path!r}: expected a bundled name or a file path")
     text = os.fspath(name_or_path)
+    if text.startswith(SEED_PREFIX):
+        return _seed_from_name(text)
     if text in BUNDLED_ALLOCATIONS:
         path = BUNDLED_DIR / f"{text}.json"
         return Allocation.from_dict(_read_json(path), source=str(path))

@@ -1,0 +1,169 @@
+"""Seed detectors for detection-aware neuron allocation: seed allocations by config name, the
+L1 penalty on SA branch norm scales (MODEL.SCALENET.GAMMA_L1), its sparsity metrics, the
+start-up refusals, and ImageNet seeds converted into the seed detector."""
+
+import json
+import re
+
+import pytest
+import torch
+from conftest import TINY_TRAIN, train_net
+
+from scalenet_d2 import model_zoo
+from scalenet_d2.checkpoint import to_d2_key
+from scalenet_d2.modeling.allocation import AllocationError, load_allocation
+from scalenet_d2.modeling.classification import ScaleNetClassifier
+from scalenet_d2.modeling.scalenet import ScaleNet
+from scalenet_d2.neuron_allocation.detection import (
+    GAMMA_NEAR_ZERO,
+    add_gamma_l1,
+    gamma_l1_config_problem,
+    gamma_sparsity,
+    sa_gamma_parameters,
+)
+from scalenet_d2.neuron_allocation.pruning import sa_gamma_l1, seed_allocation
+
+SEED_CONFIG = "Synthetic/faster_rcnn_Sseed_FPN.yaml"
+
+
+def test_seed_allocations_by_name():
+    tiny = load_allocation("seed:scalenet_tiny")
+    assert tiny.same_network(seed_allocation("scalenet_tiny", 1.0))
+    assert [st.blocks[0] for st in tiny.stages] == [(8,) * 4, (16,) * 4, (32,) * 4, (64,) * 4]
+    assert load_allocation("seed:50@0.5").same_network(seed_allocation(50, 0.5))
+    assert load_allocation("seed:101").blocks_per_stage == (3, 4, 23, 3)
+    for bad, message in (
+        ("seed:", "no base"),
+        ("seed:50@x", "multiplier 'x' is not a number"),
+        ("seed:49", "seed depth 49: expected one of"),
+        ("seed:50@0", "seed multiplier 0.0: expected a number > 0"),
+    ):
+        with pytest.raises(AllocationError, match=f"allocation '{bad}': .*{message}"):
+            load_allocation(bad)
+
+
+def test_config_problems_name_the_keys():
+    cfg = model_zoo.get_config(SEED_CONFIG)
+    assert cfg.MODEL.SCALENET.GAMMA_L1 > 0 and gamma_l1_config_problem(cfg) is None
+    for key, value, message in (
+        ("MODEL.SCALENET.NORM", "FrozenBN", "MODEL.SCALENET.NORM is FrozenBN"),
+        ("MODEL.BACKBONE.FREEZE_AT", 2, "MODEL.BACKBONE.FREEZE_AT 2 freezes res2..res2"),
+        ("MODEL.BACKBONE.NAME", "build_resnet_twin_fpn_backbone", "MODEL.BACKBONE.NAME is build_resnet_twin"),
+        ("MODEL.SCALENET.GAMMA_L1", -1.0, "GAMMA_L1 -1.0: expected 0"),
+    ):
+        bad = cfg.clone()
+        bad.merge_from_list([key, value])
+        assert message in gamma_l1_config_problem(bad), key
+    coco = model_zoo.get_config("NeuronAllocation/faster_rcnn_Sseed50_FPN_1x.yaml")
+    assert gamma_l1_config_problem(coco) is None and coco.MODEL.SCALENET.NORM == "SyncBN"
+    assert load_allocation(coco.MODEL.SCALENET.ALLOCATION).same_network(seed_allocation(50))
+
+
+@pytest.mark.parametrize("norm", ["BN", "GN"])
+def test_penalty_gradient_is_that_of_the_classifier_definition(norm):
+    """One SGD step with the hook equals one step on loss + w * sum |gamma| (train_classifier.py's
+    definition), and only the SA scales feel it."""
+    torch.manual_seed(0)
+    weight = 0.05
+    body = ScaleNet("seed:scalenet_tiny", norm=norm, out_features=["res5"])
+    with torch.no_grad():  # scales of both signs, so that sign() matters
+        for _, p in sa_gamma_parameters(body):
+            p.uniform_(-1, 1)
+    twin = ScaleNet("seed:scalenet_tiny", norm=norm, out_features=["res5"])
+    twin.load_state_dict(body.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+
+    opt = torch.optim.SGD(body.parameters(), lr=1.0)
+    add_gamma_l1(opt, body, weight)
+    body(x)["res5"].square().mean().backward()
+    opt.step()
+
+    opt_twin = torch.optim.SGD(twin.parameters(), lr=1.0)
+    l1 = sum(p.abs().sum() for _, p in sa_gamma_parameters(twin))
+    (twin(x)["res5"].square().mean() + weight * l1).backward()
+    opt_twin.step()
+
+    names = dict(sa_gamma_parameters(body))
+    assert len(names) == 16  # 4 blocks x 4 scales
+    for (name, a), b in zip(body.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    # the same scales as tools/train_classifier.py's sa_gamma_l1 penalises, in detectron2's names
+    classifier = ScaleNetClassifier(seed_allocation("scalenet_tiny"), num_classes=3)
+    penalised = {n for n, _ in classifier.named_parameters() if re.search(r"layer\d+\.\d+\.bn2\.\d+\.weight$", n)}
+    assert {to_d2_key(n) for n in penalised} == set(names)
+    expected = sum(float(p.detach().abs().sum()) for n, p in classifier.named_parameters() if n in penalised)
+    assert float(sa_gamma_l1(classifier).detach()) == pytest.approx(expected)
+
+    mean, near_zero = gamma_sparsity(body)
+    gammas = torch.cat([p.detach().abs().flatten() for p in names.values()])
+    assert mean == pytest.approx(float(gammas.mean())) and near_zero == pytest.approx(
+        float((gammas < GAMMA_NEAR_ZERO).float().mean())
+    )
+
+
+def test_penalty_refuses_scales_that_cannot_train():
+    frozen = ScaleNet("seed:scalenet_tiny", norm="FrozenBN")
+    with pytest.raises(ValueError, match="the model has 0 trainable SA branch norm scales"):
+        add_gamma_l1(torch.optim.SGD(frozen.parameters(), lr=0.1), frozen, 1e-4)
+    partly = ScaleNet("seed:scalenet_tiny", norm="BN", freeze_at=2)
+    with pytest.raises(ValueError, match=r"and 4 frozen ones \(first: res2.0.bn2.0.weight\)"):
+        add_gamma_l1(torch.optim.SGD(partly.parameters(), lr=0.1), partly, 1e-4)
+
+
+def test_imagenet_seed_converts_into_the_seed_detector(tmp_path):
+    from detectron2.modeling import build_model
+
+    from scalenet_d2.checkpoint import ScaleNetCheckpointer, convert_published_checkpoint
+
+    torch.manual_seed(0)
+    classifier = ScaleNetClassifier(seed_allocation("scalenet_tiny"), num_classes=3)
+    torch.save({"model": classifier.state_dict()}, tmp_path / "seed.pth")
+    convert_published_checkpoint(str(tmp_path / "seed.pth"), str(tmp_path / "seed.pkl"), log=lambda line: None)
+    cfg = model_zoo.get_config(SEED_CONFIG)
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    ScaleNetCheckpointer(model).load(str(tmp_path / "seed.pkl"))  # every body tensor, by exact name
+    assert torch.equal(model.backbone.bottom_up.res5[0].bn2["3"].weight, classifier.layer4[0].bn2["3"].weight)
+
+
+def test_seed_detector_trains_in_two_gloo_processes_with_syncbn_and_reports_sparsity(env, tmp_path):
+    out = tmp_path / "seed"
+    rc, log = train_net(
+        env,
+        "--num-gpus",
+        "2",
+        "--config-file",
+        f"configs/{SEED_CONFIG}",
+        *TINY_TRAIN,
+        "SOLVER.IMS_PER_BATCH",
+        "4",
+        "SOLVER.MAX_ITER",
+        "2",
+        "TEST.EVAL_PERIOD",
+        "0",
+        "MODEL.SCALENET.NORM",
+        "naiveSyncBN",  # detectron2's synchronized BN that trains over gloo (torch's SyncBatchNorm needs CUDA)
+        "OUTPUT_DIR",
+        str(out),
+        timeout=400,
+    )
+    assert rc == 0, log[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    last = [r for r in records if "sa_gamma_abs_mean" in r]
+    assert last and last[-1]["iteration"] == 1
+    assert 0 < last[-1]["sa_gamma_abs_mean"] <= 1.01 and 0 <= last[-1]["sa_gamma_near_zero"] <= 1
+
+    # FrozenBN scales cannot train: refused at start, naming the key, nothing trained
+    rc, log = train_net(
+        env,
+        "--config-file",
+        f"configs/{SEED_CONFIG}",
+        *TINY_TRAIN,
+        "MODEL.SCALENET.NORM",
+        "FrozenBN",
+        "OUTPUT_DIR",
+        str(tmp_path / "frozen"),
+        timeout=200,
+    )
+    assert rc != 0 and "MODEL.SCALENET.NORM is FrozenBN" in log and "Traceback" not in log
+    assert not (tmp_path / "frozen" / "metrics.json").exists()
