@@ -349,10 +349,8 @@ def is_resnet_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
 
 def to_d2_twin_key(torchvision_key: str) -> str:
     """The detectron2 ResNet name of a torchvision ResNet key (relative to the body)."""
-    if torchvision_key == "conv1.weight":
-        return "stem.conv1.weight"
-    if torchvision_key.startswith("bn1."):
-        return "stem.conv1.norm." + torchvision_key[len("bn1.") :]
+    if not torchvision_key.startswith("layer"):
+        return to_d2_key(torchvision_key)  # the stem: named as ScaleNet's
     match = re.match(r"^layer([1-4])\.(\d+)\.(conv|bn)([1-3])\.(\w+)$", torchvision_key)
     if match:
         layer, block, kind, k, leaf = match.groups()
