@@ -25,7 +25,7 @@ from .published import (
     CheckpointMismatchError,
     _describe_differences,
     _first_differences,
-    _shape,
+    body_shapes,
     check_published_state_dict,
     file_sha256,
     infer_allocation,
@@ -107,11 +107,7 @@ def load_init_weights(model, path):
     checkpoint of the same network and classes (a ResNet twin's: also torchvision's weights)."""
     source = f"--init-weights {path}"
     sd = extract_state_dict(_torch_load(path, source), source)
-
-    def body(state):  # every key but fc.* and BN's step counters, shape by shape
-        return {k: _shape(v) for k, v in state.items() if not k.startswith("fc.") and "num_batches_tracked" not in k}
-
-    differences = _first_differences(body(model.state_dict()), body(sd))
+    differences = _first_differences(body_shapes(model.state_dict()), body_shapes(sd))  # every key but fc.*
     if any(differences):
         raise ClassifierCheckpointError(
             f"{source} does not fit the {type(model).__name__} of allocation {model.allocation.describe()}: "

@@ -18,7 +18,8 @@ against the twin of its allocation:
     conv1 / bn1                    -> stem.conv1 / stem.conv1.norm
     layer{L}.{b}.conv{k} / bn{k}   -> res{L+1}.{b}.conv{k} / res{L+1}.{b}.conv{k}.norm
     layer{L}.{b}.downsample.0 / .1 -> res{L+1}.{b}.shortcut / res{L+1}.{b}.shortcut.norm
- detectron2's DetectionCheckpointer loads it by suffix matching, but skips a
+
+detectron2's DetectionCheckpointer loads these by suffix matching, but skips a
 tensor whose shape differs with only a warning; `ScaleNetCheckpointer` instead refuses a
 converted checkpoint that does not fit the model's ScaleNet, naming the first mismatching
 key and both shapes.
@@ -50,7 +51,7 @@ from ..modeling.allocation import (
     branch_kernel_size,
     load_allocation,
 )
-from ..modeling.classification import ScaleNetClassifier
+from ..modeling.classification import ResNetTwinClassifier, ScaleNetClassifier
 
 __all__ = [
     "SCALENET_AUTHOR",
@@ -103,11 +104,20 @@ def published_key_shapes(allocation: Allocation) -> Dict[str, Tuple[int, ...]]:
 
     The classifier (fc.*) and BN's num_batches_tracked are not included.
     """
+    return _body_key_shapes(ScaleNetClassifier, allocation)
+
+
+def _body_key_shapes(classifier_class, allocation: Allocation) -> Dict[str, Tuple[int, ...]]:
     with torch.device("meta"):
-        model = ScaleNetClassifier(allocation, num_classes=1, norm="BN")
+        model = classifier_class(allocation, num_classes=1, norm="BN")
+    return body_shapes(model.state_dict())
+
+
+def body_shapes(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[int, ...]]:
+    """Key -> shape of a classifier state_dict without its classifier (fc.*) and BN step counters."""
     return {
         key: _shape(value)
-        for key, value in model.state_dict().items()
+        for key, value in state_dict.items()
         if not key.startswith("fc.") and not key.endswith("num_batches_tracked")
     }
 
@@ -269,10 +279,7 @@ def check_published_state_dict(
 ) -> None:
     """Raise CheckpointMismatchError unless `state_dict` is exactly `allocation`'s published
     layout (besides fc.* and num_batches_tracked)."""
-    found = {
-        k: _shape(v) for k, v in state_dict.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
-    }
-    differences = _first_differences(published_key_shapes(allocation), found)
+    differences = _first_differences(published_key_shapes(allocation), body_shapes(state_dict))
     if any(differences):
         raise CheckpointMismatchError(
             f"{source} does not fit allocation {allocation.describe()}: "
@@ -368,22 +375,11 @@ def to_d2_twin_key(torchvision_key: str) -> str:
 def twin_key_shapes(allocation: Allocation) -> Dict[str, Tuple[int, ...]]:
     """Shape of every torchvision-layout key of `allocation`'s ResNet twin (fc.* and BN step
     counters excluded), from its classifier built on the meta device."""
-    from ..modeling.classification import ResNetTwinClassifier
-
-    with torch.device("meta"):
-        model = ResNetTwinClassifier(allocation, num_classes=1, norm="BN")
-    return {
-        k: _shape(v)
-        for k, v in model.state_dict().items()
-        if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
-    }
+    return _body_key_shapes(ResNetTwinClassifier, allocation)
 
 
 def _twin_differences(state_dict, allocation):
-    found = {
-        k: _shape(v) for k, v in state_dict.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
-    }
-    return _first_differences(twin_key_shapes(allocation), found)
+    return _first_differences(twin_key_shapes(allocation), body_shapes(state_dict))
 
 
 def convert_resnet_twin_state_dict(

@@ -152,6 +152,14 @@ def build_data(args, world, rank):
 # ----------------------------------------------------------------------------- schedule + eval
 
 
+@contextlib.contextmanager
+def _steps_before_any_optimizer_step():
+    """Silences torch's warning for scheduler steps taken, on purpose, before the first optimizer step."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
+        yield
+
+
 def build_lr_scheduler(optimizer, schedule: str, total_iters: int, warmup_iters: int, steps_iters=()):
     """Per-iteration schedule: linear warm-up over `warmup_iters`, then cosine to 0 over the
     rest, or x0.1 at each of `steps_iters` (counted from the start of training)."""
@@ -163,8 +171,7 @@ def build_lr_scheduler(optimizer, schedule: str, total_iters: int, warmup_iters:
         main = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     if warmup_iters <= 0:
         return main
-    with warnings.catch_warnings():  # SequentialLR steps its first scheduler before any optimizer step
-        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
+    with _steps_before_any_optimizer_step():  # SequentialLR steps its first scheduler at once
         warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup_iters)
         return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[warmup_iters])
 
@@ -230,13 +237,12 @@ class ClassifierTrainer:
         if args.allocation:
             self.allocation, self.seed_meta = load_allocation(args.allocation), None
         else:
+            # a twin takes only stem, widths and blocks from it: a seed's twin is ResNet-<depth>
             base = args.base or args.depth
             self.allocation = seed_allocation(base, args.multiplier)
-            self.seed_meta = {"allocation": self.allocation.to_dict(), "multiplier": args.multiplier, "base": str(base)}
-        # a twin has the allocation's stem, widths and blocks: that of a seed is ResNet-<depth>
+            meta = {"allocation": self.allocation.to_dict(), "multiplier": args.multiplier, "base": str(base)}
+            self.seed_meta = None if args.resnet_twin else meta
         self.network = "resnet_twin" if args.resnet_twin else "scalenet"
-        if args.resnet_twin:
-            self.seed_meta = None
         norm = "SyncBN" if (args.sync_bn and self.world > 1) else "BN"
         classes = len(self.train_set.classes)
         net = ResNetTwinClassifier if args.resnet_twin else ScaleNetClassifier
@@ -286,8 +292,7 @@ class ClassifierTrainer:
         self.progress = _Progress(
             int(state["epoch"]), int(state["epoch"]) * self.iters_per_epoch, dict(state.get("metrics") or {})
         )
-        with warnings.catch_warnings():  # stepping the schedule to where it was, before any optimizer step
-            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
+        with _steps_before_any_optimizer_step():  # the schedule back to where it was
             for _ in range(self.progress.iteration):
                 self.scheduler.step()
         self.resumed_from = path
