@@ -2,6 +2,7 @@
 L1 penalty on SA branch norm scales (MODEL.SCALENET.GAMMA_L1), its sparsity metrics, the
 start-up refusals, and ImageNet seeds converted into the seed detector."""
 
+import hashlib
 import json
 import re
 
@@ -21,7 +22,7 @@ from scalenet_d2.neuron_allocation.detection import (
     gamma_sparsity,
     sa_gamma_parameters,
 )
-from scalenet_d2.neuron_allocation.pruning import sa_gamma_l1, seed_allocation
+from scalenet_d2.neuron_allocation.pruning import count_flops, sa_gamma_l1, seed_allocation
 
 SEED_CONFIG = "Synthetic/faster_rcnn_Sseed_FPN.yaml"
 
@@ -167,3 +168,138 @@ def test_seed_detector_trains_in_two_gloo_processes_with_syncbn_and_reports_spar
     )
     assert rc != 0 and "MODEL.SCALENET.NORM is FrozenBN" in log and "Traceback" not in log
     assert not (tmp_path / "frozen" / "metrics.json").exists()
+
+
+# ----------------------------------------------------------------------------- allocation from a seed detector
+
+
+def _allocate_tool():
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("allocate_tool", REPO_ROOT / "tools" / "allocate.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def _save_detector(model, cfg, folder, iteration=7):
+    """A checkpoint as train_net.py writes it, with the run's config.yaml beside it."""
+    folder.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "iteration": iteration}, folder / "model_final.pth")
+    (folder / "config.yaml").write_text(cfg.dump())
+    return folder / "model_final.pth"
+
+
+def _seed_detector(norm="BN"):
+    """The synthetic seed detector whose dropped SA neurons have scale and shift exactly 0: per
+    block, a random quarter of its neurons (the stage's ResNet width, width multiplier 1) keeps
+    nonzero ones."""
+    from detectron2.modeling import build_model
+
+    cfg = model_zoo.get_config(SEED_CONFIG)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.SCALENET.NORM = norm
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    body = model.backbone.bottom_up
+    kept = {}
+    with torch.no_grad():
+        for stage_name in ("res2", "res3", "res4", "res5"):
+            block = getattr(body, stage_name)[0]
+            norms = [block.bn2[str(i)] for i in range(4)]
+            width = norms[0].num_features
+            keep = torch.randperm(4 * width)[:width]
+            mask = torch.zeros(4 * width, dtype=torch.bool)
+            mask[keep] = True
+            for i, bn in enumerate(norms):
+                m = mask[i * width : (i + 1) * width]
+                if norm != "FrozenBN":
+                    bn.running_mean.uniform_(-0.5, 0.5)
+                    bn.running_var.uniform_(0.5, 2.0)
+                gamma = torch.empty(width).uniform_(0.5, 1.5) * torch.sign(torch.randn(width))
+                bn.weight.copy_(torch.where(m, gamma, torch.zeros(width)))
+                bn.bias.copy_(torch.where(m, torch.randn(width) * 0.1, torch.zeros(width)))
+            kept[stage_name] = tuple(int(mask[i * width : (i + 1) * width].sum()) for i in range(4))
+    return cfg, model, kept
+
+
+def test_detection_allocation_inherits_weights_that_give_the_seeds_detections(tmp_path):
+    from detectron2.modeling import build_model
+
+    from scalenet_d2.checkpoint import ScaleNetCheckpointer
+
+    cfg, seed, kept = _seed_detector()
+    ckpt = _save_detector(seed, cfg, tmp_path / "seed")
+    out, weights = tmp_path / "det.json", tmp_path / "det_init.pth"
+    _allocate_tool().main(
+        [str(ckpt), "--width-multiplier", "1", "--output", str(out), "--inherit-weights", str(weights)]
+    )
+    allocation = load_allocation(str(out))
+    # the kept count per scale is where the nonzero scales were
+    assert {st.name: st.blocks[0] for st in allocation.stages} == kept
+    prov = allocation.provenance
+    assert prov["seed_kind"] == "detection" and prov["seed_iteration"] == 7
+    assert prov["seed_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert prov["seed_config"] == str(tmp_path / "seed" / "config.yaml")
+    assert prov["seed_datasets"] == list(cfg.DATASETS.TRAIN)
+
+    # the pruned detector: the same config with the new allocation, weights loaded strictly
+    pruned_cfg = cfg.clone()
+    pruned_cfg.MODEL.SCALENET.ALLOCATION = str(out)
+    pruned = build_model(pruned_cfg).eval()
+    ScaleNetCheckpointer(pruned).load(str(weights))
+    image = torch.randint(0, 255, (3, 160, 192), dtype=torch.uint8)
+    with torch.no_grad():
+        a = seed([{"image": image, "height": 160, "width": 192}])[0]["instances"]
+        b = pruned([{"image": image, "height": 160, "width": 192}])[0]["instances"]
+        x = seed.preprocess_image([{"image": image}]).tensor
+        fa, fb = seed.backbone(x), pruned.backbone(x)
+    for name in fa:
+        torch.testing.assert_close(fb[name], fa[name], rtol=1e-4, atol=1e-5)
+    assert len(a) == len(b) > 0
+    torch.testing.assert_close(b.pred_boxes.tensor, a.pred_boxes.tensor, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(b.scores, a.scores, rtol=1e-4, atol=1e-5)
+
+    # a budget counted at a detection input size
+    sized = tmp_path / "sized.json"
+    target = 0.9 * count_flops(allocation, (320, 448), 1000) / 1e9
+    _allocate_tool().main(
+        [str(ckpt), "--target-gflops", str(target), "--flops-size", "320x448", "--output", str(sized)]
+    )
+    budget = load_allocation(str(sized)).provenance["budget"]
+    assert (
+        budget["flops_size"] == [320, 448]
+        and budget["flops_320x448"] <= target * 1e9 < budget["next_step_flops_320x448"]
+    )
+
+
+def test_detector_checkpoints_that_are_not_seeds_are_refused_and_nothing_is_written(tmp_path):
+    from detectron2.modeling import build_model
+
+    from scalenet_d2.checkpoint.classifier import ClassifierCheckpointError
+    from scalenet_d2.neuron_allocation.pruning import NeuronAllocationError
+
+    allocate = _allocate_tool()
+    outs = tmp_path / "outs"
+    outs.mkdir()
+
+    def run(ckpt, *budget):
+        allocate.main([str(ckpt), *(budget or ("--width-multiplier", "1")), "--output", str(outs / "a.json")])
+
+    cfg, frozen, _ = _seed_detector(norm="FrozenBN")
+    with pytest.raises(ClassifierCheckpointError, match="a seed detector trained with FrozenBN"):
+        run(_save_detector(frozen, cfg, tmp_path / "frozen"))
+    for config, message in (
+        ("Synthetic/faster_rcnn_Stiny_FPN.yaml", "not a seed network: block layer1.0"),
+        ("Synthetic/faster_rcnn_Rtiny_FPN.yaml", "a ResNet detector"),
+    ):
+        other = model_zoo.get_config(config)
+        other.MODEL.DEVICE = "cpu"
+        with pytest.raises(ClassifierCheckpointError, match=message):
+            run(_save_detector(build_model(other), other, tmp_path / config.split("/")[1]))
+    cfg, seed, _ = _seed_detector()
+    with pytest.raises(NeuronAllocationError, match="FLOPs target 1e-06 G keeps nothing"):
+        run(_save_detector(seed, cfg, tmp_path / "seed"), "--target-gflops", "1e-6", "--flops-size", "800x1344")
+    assert list(outs.iterdir()) == []

@@ -9,7 +9,9 @@ A torch.save'd dict (weights_only-loadable):
     SEED_KEY         seeds only: {"allocation", "multiplier", "base"}; marks a seed network
     "classes", "metrics", "args", "epoch", "iteration"
     checkpoint.pth only, to resume: "optimizer", "lr_scheduler", "scaler"
-Plain published-layout state_dicts are read too (as seeds: allocation inferred from shapes).
+Plain published-layout state_dicts are read too (as seeds: allocation inferred from shapes),
+and, as seeds, detectron2 checkpoints of seed detectors (train_net.py's model_*.pth with a
+MODEL.SCALENET.ALLOCATION "seed:..." body): `load_seed_checkpoint`.
 """
 
 import os
@@ -18,9 +20,10 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
+import yaml
 
 from ..atomic import atomic_torch_save
-from ..modeling.allocation import SCALES, STAGE_NAMES, Allocation, AllocationError
+from ..modeling.allocation import SCALES, STAGE_NAMES, Allocation, AllocationError, load_allocation
 from .published import (
     CheckpointMismatchError,
     _describe_differences,
@@ -30,6 +33,7 @@ from .published import (
     file_sha256,
     infer_allocation,
     published_state_dict,
+    to_published_key,
 )
 
 __all__ = [
@@ -151,6 +155,17 @@ _SA_KEY = re.compile(r"^layer(\d+)\.(\d+)\.conv2\.(\d+)\.weight$")
 
 
 @dataclass
+class DetectorSeed:
+    """Where the seed sits in a detectron2 checkpoint of a seed detector."""
+
+    prefix: str  # of its ScaleNet body, e.g. "backbone.bottom_up."
+    model: Dict[str, torch.Tensor]  # the detector's whole state_dict
+    config: Optional[str]  # the run's config.yaml beside the checkpoint, if there
+    datasets: Optional[List[str]]  # its DATASETS.TRAIN
+    allocation: Optional[str]  # its MODEL.SCALENET.ALLOCATION
+
+
+@dataclass
 class SeedCheckpoint:
     path: str
     sha256: str
@@ -160,6 +175,7 @@ class SeedCheckpoint:
     num_classes: int
     epoch: Optional[int] = None
     iteration: Optional[int] = None
+    detector: Optional[DetectorSeed] = None  # set for a seed detector (num_classes: 1000, the FLOPs convention)
 
 
 def extract_state_dict(obj, source: str) -> Dict[str, torch.Tensor]:
@@ -202,28 +218,75 @@ def _check_is_seed(widths: List[List[List[int]]], source: str) -> None:
                 raise ClassifierCheckpointError(
                     f"{source}: not a seed network: block layer{s + 1}.{b} ({STAGE_NAMES[s]} block {b}) has SA widths "
                     f"{w} (conv2.0..3 output channels); a seed has the same nonzero width at every scale, e.g. "
-                    f"[{max(w)}, {max(w)}, {max(w)}, {max(w)}]. Train one with tools/train_classifier.py."
+                    f"[{max(w)}, {max(w)}, {max(w)}, {max(w)}]. Train one with tools/train_classifier.py, or as a detector "
+                    '(MODEL.SCALENET.ALLOCATION "seed:...").'
                 )
+
+
+def _detector_seed(obj, path: str) -> Optional[DetectorSeed]:
+    """The seed detector in a detectron2 checkpoint ({"model": detector state_dict, "iteration"}),
+    or None when `obj` is not a detector's checkpoint."""
+    source = f"seed checkpoint {path}"
+    model = obj.get("model") if isinstance(obj, Mapping) else None
+    if not isinstance(model, Mapping):
+        return None
+    stems = [k[: -len("res2.0.conv1.weight")] for k in model if k.endswith("res2.0.conv1.weight")]
+    if not stems or "layer1.0.conv1.weight" in model:
+        return None
+    prefix = stems[0]
+    if f"{prefix}res2.0.conv2.weight" in model:
+        raise ClassifierCheckpointError(
+            f"{source}: a ResNet detector ('{prefix}res2.0.conv2.weight' is a single conv); expected a ScaleNet seed "
+            'detector (MODEL.SCALENET.ALLOCATION "seed:...")'
+        )
+    stats = f"{prefix}res2.0.bn2.0.running_mean"
+    if stats in model and f"{prefix}res2.0.bn2.0.num_batches_tracked" not in model:
+        raise ClassifierCheckpointError(
+            f"{source}: a seed detector trained with FrozenBN ('{stats}' without num_batches_tracked): its SA norm "
+            "scales never moved, so they rank nothing; expected one trained with MODEL.SCALENET.NORM BN, SyncBN or GN "
+            "and MODEL.SCALENET.GAMMA_L1 (docs/neuron_allocation.md)"
+        )
+    config = os.path.join(os.path.dirname(os.path.abspath(path)), "config.yaml")
+    datasets = allocation = None
+    if os.path.isfile(config):
+        with open(config) as f:
+            cfg = yaml.safe_load(f) or {}
+        datasets = list((cfg.get("DATASETS") or {}).get("TRAIN") or [])
+        allocation = ((cfg.get("MODEL") or {}).get("SCALENET") or {}).get("ALLOCATION")
+    else:
+        config = None
+    return DetectorSeed(prefix=prefix, model=dict(model), config=config, datasets=datasets, allocation=allocation)
 
 
 def load_seed_checkpoint(path: str) -> SeedCheckpoint:
     """Reads a trained seed network and checks that every SA layer has equal widths per scale.
 
-    Accepts checkpoints of tools/train_classifier.py (allocation under `SEED_KEY`) and plain
+    Accepts checkpoints of tools/train_classifier.py (allocation under `SEED_KEY`), plain
     published-layout classifier state_dicts (allocation inferred from the weight shapes, ResNet
-    feature sides 56/28/14/7).
+    feature sides 56/28/14/7), and detectron2 checkpoints of seed detectors (the body in the
+    published layout; allocation from the run's config.yaml beside it, else inferred).
     """
     obj = _torch_load(path, f"seed checkpoint {path}")
-    sd = extract_state_dict(obj, f"seed checkpoint {path}")
+    detector = _detector_seed(obj, path)
+    if detector is not None:
+        n = len(detector.prefix)
+        sd = {to_published_key(k[n:]): v for k, v in detector.model.items() if k.startswith(detector.prefix)}
+    else:
+        sd = extract_state_dict(obj, f"seed checkpoint {path}")
     widths = _sa_widths_from_state_dict(sd, f"seed checkpoint {path}")
     _check_is_seed(widths, f"seed checkpoint {path}")
-    if "fc.weight" not in sd:
+    if detector is None and "fc.weight" not in sd:
         raise ClassifierCheckpointError(
             f"seed checkpoint {path}: no 'fc.weight'; expected a classifier (stem, layer1..4, fc)"
         )
 
     meta = dict(obj.get(SEED_KEY) or {}) if isinstance(obj, Mapping) else {}
-    if meta:
+    if detector is not None and detector.allocation:
+        try:
+            allocation = load_allocation(detector.allocation)
+        except AllocationError as e:
+            raise ClassifierCheckpointError(f"seed checkpoint {path}: {detector.config}: {e}") from None
+    elif meta:
         if "allocation" not in meta:
             raise ClassifierCheckpointError(f"seed checkpoint {path}: field '{SEED_KEY}' has no 'allocation' entry")
         try:
@@ -237,9 +300,13 @@ def load_seed_checkpoint(path: str) -> SeedCheckpoint:
             allocation = infer_allocation(sd, source=path)
         except CheckpointMismatchError as e:
             raise ClassifierCheckpointError(f"seed checkpoint {e}") from None
-    # The recorded allocation must describe these weights, key by key and shape by shape.
+    # The recorded allocation must describe these weights, key by key and shape by shape
+    # (GN has no running statistics: only the keys a checkpoint of that norm holds).
     try:
-        check_published_state_dict(sd, allocation, source=f"seed checkpoint {path}")
+        if detector is None or any(k.endswith("running_mean") for k in sd):
+            check_published_state_dict(sd, allocation, source=f"seed checkpoint {path}")
+        else:
+            _check_weights_only(sd, allocation, f"seed checkpoint {path}")
     except CheckpointMismatchError as e:
         raise ClassifierCheckpointError(str(e)) from None
     return SeedCheckpoint(
@@ -248,7 +315,19 @@ def load_seed_checkpoint(path: str) -> SeedCheckpoint:
         allocation=allocation,
         state_dict=sd,
         meta=meta,
-        num_classes=int(sd["fc.weight"].shape[0]),
+        num_classes=int(sd["fc.weight"].shape[0]) if detector is None else 1000,
         epoch=obj.get("epoch") if isinstance(obj, Mapping) else None,
         iteration=obj.get("iteration") if isinstance(obj, Mapping) else None,
+        detector=detector,
+    )
+
+
+def _check_weights_only(sd, allocation, source):
+    """check_published_state_dict without BN running statistics (a GN seed has none)."""
+    stats = ("running_mean", "running_var")
+    check_published_state_dict(
+        {k: v for k, v in sd.items() if not k.endswith(stats)},
+        allocation,
+        source,
+        ignore=stats,
     )

@@ -59,6 +59,7 @@ __all__ = [
     "CheckpointMismatchError",
     "published_key_shapes",
     "to_d2_key",
+    "to_published_key",
     "published_state_dict",
     "load_published_state_dict",
     "infer_allocation",
@@ -136,6 +137,18 @@ def to_d2_key(published_key: str) -> Optional[str]:
     raise CheckpointMismatchError(
         f"key {published_key!r} is not in the published ScaleNet layout (conv1, bn1, layer1..layer4, fc)"
     )
+
+
+def to_published_key(d2_key: str) -> str:
+    """The published name of a detectron2 ScaleNet body key (the inverse of `to_d2_key`)."""
+    if d2_key == "stem.conv1.weight":
+        return "conv1.weight"
+    if d2_key.startswith("stem.conv1.norm."):
+        return "bn1." + d2_key[len("stem.conv1.norm.") :]
+    match = re.match(r"^res([2-5])\.(.*)$", d2_key)
+    if match:
+        return f"layer{int(match.group(1)) - 1}.{match.group(2)}"
+    raise CheckpointMismatchError(f"key {d2_key!r} is not in the ScaleNet body's layout (stem, res2..res5)")
 
 
 def _first_differences(expected: Mapping[str, tuple], found: Mapping[str, tuple]):
@@ -275,11 +288,12 @@ def infer_allocation(state_dict: Mapping[str, torch.Tensor], source: str = "<sta
 
 
 def check_published_state_dict(
-    state_dict: Mapping[str, torch.Tensor], allocation: Allocation, source: str = "<state_dict>"
+    state_dict: Mapping[str, torch.Tensor], allocation: Allocation, source: str = "<state_dict>", ignore=()
 ) -> None:
     """Raise CheckpointMismatchError unless `state_dict` is exactly `allocation`'s published
-    layout (besides fc.* and num_batches_tracked)."""
-    differences = _first_differences(published_key_shapes(allocation), body_shapes(state_dict))
+    layout (besides fc.*, num_batches_tracked and keys ending in one of `ignore`)."""
+    expected = {k: v for k, v in published_key_shapes(allocation).items() if not k.endswith(tuple(ignore))}
+    differences = _first_differences(expected, body_shapes(state_dict))
     if any(differences):
         raise CheckpointMismatchError(
             f"{source} does not fit allocation {allocation.describe()}: "

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..checkpoint.classifier import SeedCheckpoint, load_seed_checkpoint
-from ..checkpoint.published import STANDARD_SIDES
+from ..checkpoint.published import STANDARD_SIDES, to_d2_key
 from ..modeling.allocation import (
     PUBLISHED_LAYOUTS,
     PUBLISHED_PLANES,
@@ -290,13 +290,11 @@ class Selection:
     kept: Tuple[Tuple[Tuple[int, ...], ...], ...]  # per block (network order), per scale: kept seed channels
     width_multiplier: float
     stage_widths: Tuple[int, ...]
-    flops: int  # at 224x224, see count_flops
+    flops: int  # at the size it was selected at (224x224 unless a FLOPs size was given), see count_flops
     params: int
 
 
-def select_multiplier(
-    ranking: NeuronRanking, seed: Allocation, m: float, num_classes: int, image_size: int
-) -> Selection:
+def select_multiplier(ranking: NeuronRanking, seed: Allocation, m: float, num_classes: int, image_size) -> Selection:
     """What keeping N_k = ceil(m x planes_k) neurons per block of stage k gives (allocation, kept, cost)."""
     widths = stage_widths(seed, m)
     alloc = ranking.allocation_for(widths)
@@ -319,7 +317,7 @@ def candidate_multipliers(seed: Allocation) -> List[float]:
 
 
 def search_flops_target(
-    ranking: NeuronRanking, target_flops: float, num_classes: int = 1000, image_size: int = 224
+    ranking: NeuronRanking, target_flops: float, num_classes: int = 1000, image_size=224
 ) -> Tuple[Selection, Optional[Selection]]:
     """The multiplier (all stages scaled together) whose FLOPs are the largest not above `target_flops`.
 
@@ -334,13 +332,13 @@ def search_flops_target(
     if not target_flops >= lowest.flops:
         raise NeuronAllocationError(
             f"FLOPs target {target_flops / 1e9:.4g} G keeps nothing: the smallest network from seed {seed.name!r} "
-            f"(one neuron step, width multiplier {cands[0]:.4g}) already has {lowest.flops / 1e9:.4g} G at {image_size}x{image_size}"
+            f"(one neuron step, width multiplier {cands[0]:.4g}) already has {lowest.flops / 1e9:.4g} G at {_size_text(image_size)}"
         )
     highest = select_multiplier(ranking, seed, cands[-1], num_classes, image_size)
     if target_flops > highest.flops and not math.isclose(target_flops, highest.flops):
         raise NeuronAllocationError(
             f"FLOPs target {target_flops / 1e9:.4g} G is more than seed {seed.name!r} can give: keeping all its SA "
-            f"neurons (width multiplier {cands[-1]:.4g}) gives {highest.flops / 1e9:.4g} G at {image_size}x{image_size}; "
+            f"neurons (width multiplier {cands[-1]:.4g}) gives {highest.flops / 1e9:.4g} G at {_size_text(image_size)}; "
             "expected a target <= that, or a wider seed"
         )
     lo, hi = 0, len(cands) - 1  # invariant: flops(cands[lo]) <= target
@@ -360,14 +358,24 @@ def search_flops_target(
 # ----------------------------------------------------------------------------- cost model
 
 
+def _hw(image_size) -> Tuple[int, int]:
+    """(height, width) of an image size given as a side or as (height, width)."""
+    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+
+
+def _size_text(image_size) -> str:
+    return "x".join(str(v) for v in _hw(image_size))
+
+
 def _classifier_shapes(allocation: Allocation, num_classes: int) -> torch.nn.Module:
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         return ScaleNetClassifier(allocation, num_classes=num_classes)
 
 
-def count_flops(allocation: Allocation, image_size: int = 224, num_classes: int = 1000) -> int:
-    """Multiply-accumulates of all convs and the fc at image_size x image_size (fvcore's convention),
-    counted on the classifier's own modules in one forward on the meta device."""
+def count_flops(allocation: Allocation, image_size=224, num_classes: int = 1000) -> int:
+    """Multiply-accumulates of all convs and the fc at image_size x image_size, or at (height,
+    width) (fvcore's convention), counted on the classifier's own modules in one forward on the
+    meta device."""
     model = _classifier_shapes(allocation, num_classes)
     total = 0
 
@@ -380,7 +388,7 @@ def count_flops(allocation: Allocation, image_size: int = 224, num_classes: int 
         if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
             module.register_forward_hook(count)
     with torch.no_grad(), plain_forward(model):  # the hooks are on the modules folding bypasses
-        model.eval()(torch.empty(1, 3, image_size, image_size, device="meta"))
+        model.eval()(torch.empty(1, 3, *_hw(image_size), device="meta"))
     return int(total)
 
 
@@ -428,6 +436,17 @@ def inherit_weights(
     return out
 
 
+def inherit_detector_weights(seed: SeedCheckpoint, selection: Selection) -> Dict[str, torch.Tensor]:
+    """A seed detector's state_dict with its ScaleNet body pruned to the kept SA neurons
+    (`inherit_weights`); everything else (FPN, RPN, ROI heads) as in the seed. It loads by exact
+    name into the same detector config with MODEL.SCALENET.ALLOCATION set to the new allocation."""
+    detector = seed.detector
+    body = inherit_weights(seed.state_dict, seed.allocation, selection)
+    out = {k: v.clone() for k, v in detector.model.items() if not k.startswith(detector.prefix)}
+    out.update({detector.prefix + to_d2_key(k): v for k, v in body.items()})
+    return out
+
+
 # ----------------------------------------------------------------------------- 7. pipeline + reports
 
 
@@ -437,6 +456,11 @@ class AllocationResult:
     selection: Selection
     seed: SeedCheckpoint
     next_step: Optional[Selection] = None  # FLOPs target only: the next larger neuron step
+
+
+def _size_key(size: Tuple[int, int]) -> str:
+    """224 for (224, 224) (the existing provenance keys), else e.g. 800x1344."""
+    return "224" if size == (224, 224) else _size_text(size)
 
 
 def _refuse_untrained(seed) -> None:
@@ -459,9 +483,14 @@ def allocate_from_checkpoint(
     name: str = "allocation",
     force: bool = False,
     cost_exponent: float = 0.0,
+    flops_size: Optional[Tuple[int, int]] = None,
 ) -> AllocationResult:
     """Seed checkpoint + budget (exactly one of width_multiplier, target_gflops) -> allocation with provenance.
 
+    The seed is a classifier (tools/train_classifier.py) or a seed detector (train_net.py's
+    checkpoint). `target_gflops` is counted at 224x224, or at `flops_size` (height, width), e.g.
+    a detection input (800, 1344); both count the ImageNet classifier's convs and fc (1000 classes
+    for a detector's seed), so budgets compare across seeds.
     A seed whose scale-branch BN gammas are all equal (untrained: BN starts at 1) is refused
     unless `force`: its ranking, hence the allocation, would be the tie-break order only."""
     if (width_multiplier is None) == (target_gflops is None):
@@ -477,21 +506,27 @@ def allocate_from_checkpoint(
         seed.allocation, seed.state_dict, source=f"seed checkpoint {seed.path}", cost_exponent=cost_exponent
     )
     next_step = None
+    size = _hw(flops_size or 224)
     if width_multiplier is not None:
-        sel = select_multiplier(ranking, seed.allocation, width_multiplier, seed.num_classes, 224)
+        sel = select_multiplier(ranking, seed.allocation, width_multiplier, seed.num_classes, size)
         budget = {"width_multiplier": float(width_multiplier)}
     else:
-        sel, next_step = search_flops_target(ranking, target_gflops * 1e9, seed.num_classes, 224)
+        sel, next_step = search_flops_target(ranking, target_gflops * 1e9, seed.num_classes, size)
         budget = {
             "target_gflops": float(target_gflops),
             "width_multiplier": sel.width_multiplier,
-            "next_step_flops_224": next_step.flops if next_step else None,
+            f"next_step_flops_{_size_key(size)}": next_step.flops if next_step else None,
         }
+    if size != (224, 224):
+        budget["flops_size"] = list(size)
+        budget[f"flops_{_size_key(size)}"] = sel.flops
+    detector = seed.detector
     provenance = {
         "method": METHOD,
         "importance": IMPORTANCE,
         "cost_exponent": ranking.cost_exponent,
         "tie_break": TIE_BREAK,
+        "seed_kind": "classification" if detector is None else "detection",
         "seed_checkpoint": os.path.abspath(seed.path),
         "seed_sha256": seed.sha256,
         "seed_allocation": seed.allocation.name,
@@ -502,10 +537,13 @@ def allocate_from_checkpoint(
         "stage_widths": list(sel.stage_widths),
         "num_classes": seed.num_classes,
         "params": sel.params,
-        "flops_224": sel.flops,
+        "flops_224": count_flops(sel.allocation, 224, seed.num_classes) if size != (224, 224) else sel.flops,
         "flops_convention": "multiply-accumulates of conv and fc layers at 224x224 (fvcore's count)",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if detector is not None:
+        provenance["seed_config"] = detector.config
+        provenance["seed_datasets"] = detector.datasets
     allocation = dataclasses.replace(sel.allocation, name=name, provenance=provenance)
     return AllocationResult(allocation=allocation, selection=sel, seed=seed, next_step=next_step)
 
