@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-quick test test-slurm gpu-check
+.PHONY: setup demo demo-quick demo-allocation test test-slurm gpu-check
 
 setup:
 	VENV=$(VENV) bash tools/setup_env.sh
@@ -27,6 +27,10 @@ test-slurm: setup
 # A 20-second smoke run of the main job (a few iterations on a tiny split).
 demo-quick: setup
 	$(PY) tools/run_demo.py --quick $(ARGS)
+
+# Detection-aware neuron allocation on the synthetic set: seed detector, allocation, three arms (docs/neuron_allocation.md)
+demo-allocation: setup
+	$(PY) tools/run_allocation_demo.py $(ARGS)
 
 # On a machine with a CUDA GPU: the CUDA tests and the S50/R50 speed and memory tables (tools/gpu_check.sh).
 gpu-check: setup

@@ -127,34 +127,7 @@ def test_imagenet_seed_converts_into_the_seed_detector(tmp_path):
     assert torch.equal(model.backbone.bottom_up.res5[0].bn2["3"].weight, classifier.layer4[0].bn2["3"].weight)
 
 
-def test_seed_detector_trains_in_two_gloo_processes_with_syncbn_and_reports_sparsity(env, tmp_path):
-    out = tmp_path / "seed"
-    rc, log = train_net(
-        env,
-        "--num-gpus",
-        "2",
-        "--config-file",
-        f"configs/{SEED_CONFIG}",
-        *TINY_TRAIN,
-        "SOLVER.IMS_PER_BATCH",
-        "4",
-        "SOLVER.MAX_ITER",
-        "2",
-        "TEST.EVAL_PERIOD",
-        "0",
-        "MODEL.SCALENET.NORM",
-        "naiveSyncBN",  # detectron2's synchronized BN that trains over gloo (torch's SyncBatchNorm needs CUDA)
-        "OUTPUT_DIR",
-        str(out),
-        timeout=400,
-    )
-    assert rc == 0, log[-3000:]
-    records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
-    last = [r for r in records if "sa_gamma_abs_mean" in r]
-    assert last and last[-1]["iteration"] == 1
-    assert 0 < last[-1]["sa_gamma_abs_mean"] <= 1.01 and 0 <= last[-1]["sa_gamma_near_zero"] <= 1
-
-    # FrozenBN scales cannot train: refused at start, naming the key, nothing trained
+def test_frozen_scales_are_refused_at_start_by_train_net(env, tmp_path):
     rc, log = train_net(
         env,
         "--config-file",
@@ -303,3 +276,47 @@ def test_detector_checkpoints_that_are_not_seeds_are_refused_and_nothing_is_writ
     with pytest.raises(NeuronAllocationError, match="FLOPs target 1e-06 G keeps nothing"):
         run(_save_detector(seed, cfg, tmp_path / "seed"), "--target-gflops", "1e-6", "--flops-size", "800x1344")
     assert list(outs.iterdir()) == []
+
+
+def test_the_whole_pipeline_through_the_command_lines(env, tmp_path):
+    """tools/run_allocation_demo.py --quick: the seed detector in two gloo processes with
+    synchronized BN and the L1 penalty, its allocation at scalenet_tiny's FLOPs, the three arms
+    through tools/study.py, the fine-tuned arm, the summary and the picture."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "tools/run_allocation_demo.py", "--quick", "--seeds", "1", "--parallel", "3"]
+        + ["--seed-processes", "2", "--output-dir", str(out)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the seed: two processes, the penalty on, sparsity in its metrics
+    seed_log = (out / "seed" / "console.log").read_text()
+    assert "World size: 2" in seed_log and "'MODEL.SCALENET.NORM', 'naiveSyncBN'" in seed_log
+    assert "GAMMA_L1: 0.001" in (out / "seed" / "config.yaml").read_text()
+    records = [json.loads(line) for line in (out / "seed" / "metrics.json").read_text().splitlines()]
+    sparsity = [r for r in records if "sa_gamma_abs_mean" in r]
+    assert sparsity and sparsity[-1]["iteration"] == 15
+    assert 0 < sparsity[-1]["sa_gamma_abs_mean"] <= 1.01 and 0 <= sparsity[-1]["sa_gamma_near_zero"] <= 1
+    # the allocation: from the detector, at most scalenet_tiny's FLOPs, within one neuron step
+    allocation = load_allocation(str(out / "detection_allocation.json"))
+    prov, tiny = allocation.provenance, load_allocation("scalenet_tiny")
+    assert prov["seed_kind"] == "detection" and prov["seed_datasets"] == ["synthetic_shapes_tiny_train"]
+    assert prov["flops_224"] <= count_flops(tiny, 224, 1000) < prov["budget"]["next_step_flops_224"]
+    assert allocation.blocks_per_stage == tiny.blocks_per_stage
+    # the three arms, each trained and compared; the fine-tuned arm apart with its iterations
+    study = json.loads((out / "study" / "study.json").read_text())
+    assert study["names"] == ["detection_allocation", "imagenet_allocation", "resnet_twin"]
+    table = (out / "study" / "comparison.md").read_text()
+    assert all(name in table for name in study["names"])
+    summary = (out / "summary.md").read_text()
+    assert "detection_allocation fine-tuned (32 iterations in all)" in summary
+    assert (out / "allocations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -25,6 +25,7 @@ import sys
 
 from scalenet_d2.atomic import bytes_writer, torch_writer, write_atomically
 from scalenet_d2.checkpoint.classifier import ALLOCATION_KEY, ClassifierCheckpointError
+from scalenet_d2.modeling.allocation import AllocationError, load_allocation
 from scalenet_d2.modeling.classification import ScaleNetClassifier
 from scalenet_d2.neuron_allocation.pruning import (
     NeuronAllocationError,
@@ -71,6 +72,11 @@ def parse_args(argv=None):
     p.add_argument("--name", help="allocation name (default: the output file's stem)")
     p.add_argument("--chart", help="PNG chart of neurons per scale for every block")
     p.add_argument(
+        "--chart-beside",
+        metavar="ALLOCATION",
+        help="in the chart, this allocation (name or file, same blocks) beside the new one, e.g. the ImageNet one",
+    )
+    p.add_argument(
         "--inherit-weights",
         help="also write the seed's kept neurons: classifier weights (train_classifier.py --init-weights), or for a "
         "seed detector a detectron2 checkpoint of the pruned detector (train_net.py MODEL.WEIGHTS)",
@@ -113,7 +119,8 @@ def main(argv=None):
     # Build every output in memory (and check it) before anything touches the disk.
     writers = {args.output: bytes_writer(allocation.to_json().encode("utf-8"))}
     if args.chart:
-        writers[args.chart] = bytes_writer(plot_allocation(allocation))
+        others = [load_allocation(args.chart_beside)] if args.chart_beside else []
+        writers[args.chart] = bytes_writer(plot_allocation(allocation, others=others))
     if args.inherit_weights and result.seed.detector is not None:
         state_dict = inherit_detector_weights(result.seed, result.selection)
         writers[args.inherit_weights] = torch_writer(
@@ -148,5 +155,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (NeuronAllocationError, ClassifierCheckpointError) as e:
+    except (NeuronAllocationError, ClassifierCheckpointError, AllocationError) as e:
         sys.exit(f"allocate.py: error: {e}")

@@ -16,11 +16,7 @@ exists: a run never replaces another's results.
 """
 
 import argparse
-import collections
 import os
-import re
-import subprocess
-import sys
 import time
 
 import torch
@@ -29,6 +25,7 @@ from scalenet_d2.atomic import bytes_writer, write_atomically
 from scalenet_d2.data.synthetic import ensure_split
 from scalenet_d2.engine.run_record import load_run
 from scalenet_d2.utils.comparison import format_table, render
+from scalenet_d2.utils.demo_runs import fresh_output_dir, run_train_net
 from scalenet_d2.utils.pictures import (
     draw_ground_truth,
     draw_predictions,
@@ -61,18 +58,6 @@ QUICK_OPTS = [
 ]
 # the backbone speed rows: the demo's image size and an 800x1333 COCO image padded to a multiple of 32
 SPEED_SIZES = ((160, 160), (800, 1344))
-# What the console shows of a run; everything goes to OUTPUT/<run>/console.log.
-SHOW = re.compile(r"eta: |Starting training|Overall training speed|Total inference|Traceback|Error|error:")
-BOX_TABLE = "Evaluation results for bbox"  # shown with the 3 lines of its table
-
-
-def fresh_output_dir(base):
-    """`base`, or base-2, base-3, ... : the first that does not exist."""
-    candidate, n = base, 1
-    while os.path.exists(candidate):
-        n += 1
-        candidate = f"{base}-{n}"
-    return candidate
 
 
 def backbone_speed_table(seconds, names, rounds, markdown=False):
@@ -104,42 +89,6 @@ def make_pictures(out_dir, run_dirs, names, runs, predictors, split, images=4):
     titles = ["ground truth"] + [f"{name} (score >= 0.5)" for name in names]
     detections = side_by_side(rows, titles, os.path.join(out_dir, "detections.png"))
     return loss, ap, detections
-
-
-def run_one(name, config, out_dir, extra_opts, env):
-    run_dir = os.path.join(out_dir, name)
-    os.makedirs(run_dir)
-    cmd = [
-        sys.executable,
-        os.path.join(REPO_ROOT, "train_net.py"),
-        "--config-file",
-        config,
-        "OUTPUT_DIR",
-        run_dir,
-        *extra_opts,
-    ]
-    print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
-    start = time.time()
-    tail = collections.deque(maxlen=40)  # shown if the run fails
-    with open(os.path.join(run_dir, "console.log"), "w") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
-        )
-        table_lines = 0
-        for line in proc.stdout:
-            log.write(line)
-            tail.append(line)
-            if BOX_TABLE in line:
-                table_lines = 4
-            if table_lines or SHOW.search(line):
-                print(f"[{name}] {line.rstrip()}", flush=True)
-                table_lines = max(0, table_lines - 1)
-        proc.wait()
-    if proc.returncode != 0:
-        sys.stdout.write("".join(tail))
-        sys.exit(f"run_demo.py: {name} failed (exit {proc.returncode}); full log: {run_dir}/console.log")
-    print(f"=== {name} done in {time.time() - start:.0f} s", flush=True)
-    return run_dir
 
 
 def main(argv=None):
@@ -178,7 +127,9 @@ def main(argv=None):
 
     extra = (QUICK_OPTS if args.quick else []) + list(args.opts)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    run_dirs = [run_one(name, config, args.output_dir, extra, env) for name, config in RUNS]
+    run_dirs = [
+        run_train_net(name, config, os.path.join(args.output_dir, name), extra, env, REPO_ROOT) for name, config in RUNS
+    ]
 
     runs, names = [load_run(d) for d in run_dirs], [n for n, _ in RUNS]
     predictors = [

@@ -568,51 +568,73 @@ def format_summary(allocation: Allocation, num_classes: int = 1000) -> str:
 SCALE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
 
 
-def plot_allocation(allocation: Allocation, title: Optional[str] = None) -> bytes:
+def plot_allocation(allocation: Allocation, title: Optional[str] = None, others: Sequence[Allocation] = ()) -> bytes:
     """PNG bytes: stacked bars of neurons per scale for every block (the paper's allocation figure),
-    above the same as shares of each block, which keeps the narrow early stages readable."""
+    above the same as shares of each block, which keeps the narrow early stages readable.
+
+    With `others` (allocations of the same blocks, e.g. an ImageNet one beside a detection one),
+    each block gets one bar per allocation, side by side, the first plain, the others hatched."""
     # Figure + Agg canvas directly: no global matplotlib backend switch.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    allocations = [allocation, *others]
+    for other in others:
+        if other.blocks_per_stage != allocation.blocks_per_stage:
+            raise NeuronAllocationError(
+                f"chart: allocation {other.name!r} has blocks {other.blocks_per_stage}, {allocation.name!r} has "
+                f"{allocation.blocks_per_stage}; expected allocations of the same blocks side by side"
+            )
     labels = [f"{st.name}.{b}" for st in allocation.stages for b in range(len(st.blocks))]
-    rows = np.array([w for st in allocation.stages for w in st.blocks], dtype=float).reshape(-1, len(SCALES))
-    shares = 100 * rows / rows.sum(axis=1, keepdims=True)
-    fig = Figure(figsize=(max(6.0, 0.28 * len(labels) + 2.5), 6.0))
+    fig = Figure(figsize=(max(6.0, 0.28 * len(labels) * len(allocations) + 2.5), 6.0))
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (3, 2)})
     x = np.arange(len(labels))
-    for ax, values, ylabel in (
-        (axes[0], rows, "neurons (output channels)"),
-        (axes[1], shares, "share of the block (%)"),
-    ):
-        bottom = np.zeros(len(labels))
-        for i, scale in enumerate(SCALES):
-            used = values[:, i].any()  # a scale pruned from every block gets no legend entry
-            ax.bar(
-                x,
-                values[:, i],
-                bottom=bottom,
-                color=SCALE_COLOURS[i],
-                width=0.8,
-                label=f"scale {scale}" if used else "_",
+    width = 0.8 / len(allocations)
+    top = 0.0
+    for n, alloc in enumerate(allocations):
+        rows = np.array([w for st in alloc.stages for w in st.blocks], dtype=float).reshape(-1, len(SCALES))
+        shares = 100 * rows / rows.sum(axis=1, keepdims=True)
+        offset = (n - (len(allocations) - 1) / 2) * width
+        hatch = None if n == 0 else "//"
+        for ax, values in ((axes[0], rows), (axes[1], shares)):
+            bottom = np.zeros(len(labels))
+            for i, scale in enumerate(SCALES):
+                used = n == 0 and values[:, i].any()  # a scale pruned from every block gets no legend entry
+                ax.bar(
+                    x + offset,
+                    values[:, i],
+                    bottom=bottom,
+                    color=SCALE_COLOURS[i],
+                    width=width,
+                    hatch=hatch,
+                    edgecolor="white" if hatch else None,
+                    label=f"scale {scale}" if used else "_",
+                )
+                bottom += values[:, i]
+            if ax is axes[0]:
+                top = max(top, bottom.max())
+        if others:  # which bar is which
+            axes[0].bar(
+                [0], [0], color="lightgrey", hatch=hatch, edgecolor="white" if hatch else None, label=alloc.name
             )
-            bottom += values[:, i]
-        ax.set_ylabel(ylabel, fontsize=8)
-        ax.set_ylim(0, bottom.max() * (1.1 if ax is axes[0] else 1.0))
+    axes[0].set_ylabel("neurons (output channels)", fontsize=8)
+    axes[1].set_ylabel("share of the block (%)", fontsize=8)
+    axes[0].set_ylim(0, top * 1.1)
+    axes[1].set_ylim(0, 100)
+    for ax in axes:
         start = 0
         for st in allocation.stages:
             if start:
                 ax.axvline(start - 0.5, color="grey", linestyle="--", linewidth=0.8)
             if ax is axes[0]:
-                ax.text(
-                    start + (len(st.blocks) - 1) / 2, bottom.max() * 1.02, st.name, ha="center", va="bottom", fontsize=8
-                )
+                ax.text(start + (len(st.blocks) - 1) / 2, top * 1.02, st.name, ha="center", va="bottom", fontsize=8)
             start += len(st.blocks)
     axes[1].set_xticks(x)
     axes[1].set_xticklabels(labels, rotation=90, fontsize=7)
     axes[1].set_xlim(-0.6, len(labels) - 0.4)
-    axes[0].set_title(title or f"{allocation.name}: neurons per scale in every SA layer", fontsize=10)
+    names = " vs ".join(a.name for a in allocations)
+    axes[0].set_title(title or f"{names}: neurons per scale in every SA layer", fontsize=10)
     axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     buf = io.BytesIO()

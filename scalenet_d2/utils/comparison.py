@@ -268,9 +268,9 @@ def _digits(digits: int, *values: float) -> int:
 
 
 def render_arms(arms: Dict[str, List[dict]], markdown: bool = False) -> str:
-    """Per metric, each arm's mean ± standard deviation (n); for two arms the difference with its
-    95% interval (statistics.py), and a sentence for the primary metrics (PRIMARY_METRICS). With one run per arm, the table of
-    `render` and a note that no spread is known."""
+    """Per metric, each arm's mean ± standard deviation (n); the difference of the first arm and
+    each other one with its 95% interval (statistics.py), and a sentence for the primary metrics
+    (PRIMARY_METRICS). With one run per arm, the table of `render` and a note that no spread is known."""
     from .statistics import difference
 
     notes = check_together(arms)
@@ -278,11 +278,11 @@ def render_arms(arms: Dict[str, List[dict]], markdown: bool = False) -> str:
     if all(len(runs) == 1 for runs in arms.values()):
         text = render([runs[0] for runs in arms.values()], names, markdown)
         return text + ("\n\n" if markdown else "\n") + "\n".join(notes + [_NO_SPREAD])
-    two = len(arms) == 2
-    paired = two and _paired(*arms.values())
+    others = names[1:]  # differences: the first arm against each other one
+    paired = {k: _paired(arms[names[0]], arms[k]) for k in others}
     header = [""] + [f"{name} mean ± sd (n)" for name in names]
-    if two:
-        header += [f"diff ({names[0]} - {names[1]})", "95% interval", "method"]
+    for k in others:
+        header += [f"diff ({names[0]} - {k})", "95% interval", "method"]
     table, sentences = [], []
     with_masks = any(r.get("mask") for runs in arms.values() for r in runs)
     metrics = ARM_METRICS[: len(AP_KEYS)] + (MASK_METRICS if with_masks else []) + ARM_METRICS[len(AP_KEYS) :]
@@ -290,14 +290,18 @@ def render_arms(arms: Dict[str, List[dict]], markdown: bool = False) -> str:
         per_arm = [[value(r) for r in runs] for runs in arms.values()]
         exploratory = label.startswith(("box ", "mask ")) and label not in PRIMARY_METRICS
         row = [label + (" (exploratory)" if exploratory else "")] + [_cell(values, digits) for values in per_arm]
-        if two:
+        for k in others:
+            pair = (names[0], k)
             keyed = [
-                {(r.get("seed") if paired else i): v for i, (r, v) in enumerate(zip(runs, values))}
-                for runs, values in zip(arms.values(), per_arm)
+                {
+                    (r.get("seed") if paired[k] else i): v
+                    for i, (r, v) in enumerate(zip(arms[name], per_arm[names.index(name)]))
+                }
+                for name in pair
             ]
-            diff = difference(*keyed, paired=paired)
+            diff = difference(*keyed, paired=paired[k])
             if diff is None:
-                few = "runs" if all(len(runs) < 2 for runs in arms.values()) else "finite values"
+                few = "runs" if all(len(arms[name]) < 2 for name in pair) else "finite values"
                 row += ["-", "-", f"no spread known (an arm has < 2 {few})"]
             elif not diff.spread_observed:
                 d = _digits(digits, diff.mean)
@@ -306,7 +310,7 @@ def render_arms(arms: Dict[str, List[dict]], markdown: bool = False) -> str:
                 d = _digits(digits, diff.mean, diff.low, diff.high)
                 row += [f"{diff.mean:+.{d}f}", f"[{diff.low:+.{d}f}, {diff.high:+.{d}f}]", diff.method]
             if label in PRIMARY_METRICS:
-                sentences.append(_sentence(label, names, diff))
+                sentences.append(_sentence(label, pair, diff))
         table.append(row)
     kinds = "box and mask" if with_masks else "box"
     notes.append(
@@ -316,12 +320,17 @@ def render_arms(arms: Dict[str, List[dict]], markdown: bool = False) -> str:
         "sd = sample standard deviation over an arm's finite values (seeds); interval: 95%, Student's t. The "
         "intervals cover training randomness (the seeds) on fixed evaluation images, not another choice of images."
     )
-    if two:
+    if others:
         primary = " and ".join(m for m in PRIMARY_METRICS if with_masks or m.startswith("box"))
         notes.append(
             f"Primary metric: {primary}; the other AP rows are exploratory. Tested together, six metrics with no true "
             "difference show at least one interval without 0 in about a quarter of studies, so only the primary "
             "metric gets a verdict."
+        )
+    if len(others) > 1:
+        notes.append(
+            f"{len(others)} comparisons with {names[0]}: each interval holds at 95% on its own; the chance that at "
+            "least one of them misses its true difference is higher."
         )
     machines = {name: sorted({r["machine"] for r in runs}) for name, runs in arms.items()}
     if len({m for ms in machines.values() for m in ms}) > 1:
