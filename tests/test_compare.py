@@ -100,6 +100,24 @@ def test_arms_of_seeds_give_mean_spread_and_a_paired_interval(tmp_path):
     assert png.stat().st_size > 1000 and f"Wrote {png}" in out
 
 
+def test_three_arms_compare_the_first_with_each_other_one(tmp_path):
+    det = [make_run(tmp_path / f"D{i}", ap, seed=i) for i, ap in ((1, 37.6), (2, 38.1), (3, 37.4))]
+    img = [make_run(tmp_path / f"S{i}", ap, seed=i) for i, ap in ((1, 37.1), (2, 37.6), (3, 36.9))]
+    res = [
+        make_run(tmp_path / f"R{i}", ap, seed=i, backbone="build_resnet_fpn_backbone", **{"MODEL.WEIGHTS": "r.pkl"})
+        for i, ap in ((1, 36.8), (2, 37.2), (3, 36.7))
+    ]
+    rc, out = compare("--arm", "det", *det, "--arm", "img", *img, "--arm", "res", *res)
+    assert rc == 0, out
+    assert "diff (det - img)" in out and "diff (det - res)" in out
+    # each pair as two arms alone would give it: det - img is exactly +0.50 on every seed
+    assert "box AP: every run gave the same difference (+0.50): no spread observed" in out
+    alone = compare("--arm", "det", *det, "--arm", "res", *res)[1]
+    sentence = next(line for line in alone.splitlines() if line.startswith("box AP: det is higher"))
+    assert sentence in out and "[+0.55, +1.05]" in sentence  # diffs 0.8, 0.9, 0.7: 0.8 ± 4.303 x 0.1 / sqrt 3
+    assert "2 comparisons with det: each interval holds at 95% on its own" in out
+
+
 def test_an_interval_that_includes_zero_is_said_so_and_other_seeds_are_unpaired(tmp_path):
     s = [make_run(tmp_path / f"S{i}", ap, seed=i) for i, ap in ((1, 37.0), (2, 37.9), (3, 36.6))]
     r = [make_run(tmp_path / f"R{i}", ap, seed=i, backbone="other") for i, ap in ((4, 37.1), (5, 36.6), (6, 37.5))]

@@ -21,6 +21,7 @@ ResNet-50 = 4.1 G, and of fvcore), counted analytically by `count_flops`.
 
 import dataclasses
 import datetime
+import functools
 import io
 import math
 import os
@@ -374,27 +375,69 @@ def _classifier_shapes(allocation: Allocation, num_classes: int) -> torch.nn.Mod
 
 def count_flops(allocation: Allocation, image_size=224, num_classes: int = 1000) -> int:
     """Multiply-accumulates of all convs and the fc at image_size x image_size, or at (height,
-    width) (fvcore's convention), counted on the classifier's own modules in one forward on the
-    meta device."""
-    model = _classifier_shapes(allocation, num_classes)
-    total = 0
-
-    def count(module, inputs, output):
-        nonlocal total
-        # every weight is used once per output position (conv) or per sample (fc)
-        total += output.numel() // output.shape[1] * module.weight.numel()
-
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-            module.register_forward_hook(count)
-    with torch.no_grad(), plain_forward(model):  # the hooks are on the modules folding bypasses
-        model.eval()(torch.empty(1, 3, *_hw(image_size), device="meta"))
-    return int(total)
+    width) (fvcore's convention): every weight is used once per output position (conv) or per
+    sample (fc)."""
+    return _scaled(allocation, num_classes, _unit_costs(*_layout(allocation), _hw(image_size))[0])
 
 
 def count_params(allocation: Allocation, num_classes: int = 1000) -> int:
     """Parameters of ScaleNetClassifier(allocation, num_classes): conv weights, BN gamma+beta, fc."""
-    return sum(p.numel() for p in _classifier_shapes(allocation, num_classes).parameters())
+    return _scaled(allocation, num_classes, _unit_costs(*_layout(allocation), (224, 224))[1])
+
+
+# Both are counted per module of the classifier with one neuron at every scale and one class
+# (`_unit_costs`: built and run once per layout and input size on the meta device), scaled by the
+# widths: an SA branch's conv2.i and bn2.i by its c_i, conv3 by its inputs sum(c), the fc by the
+# classes. Nothing else depends on the widths, and output sizes depend only on the layout.
+_WIDTH_SCALED = re.compile(r"layer(\d+)\.(\d+)\.(?:(?:conv2|bn2)\.(\d+)|conv3)")
+
+
+def _layout(allocation: Allocation):
+    return allocation.stem_channels, tuple((st.name, st.planes, st.side, len(st.blocks)) for st in allocation.stages)
+
+
+def _scaled(allocation: Allocation, num_classes: int, unit: Dict[str, int]) -> int:
+    total = 0
+    for name, cost in unit.items():
+        match = _WIDTH_SCALED.fullmatch(name)
+        if name == "fc":
+            total += cost * num_classes
+        elif match is None:
+            total += cost
+        else:
+            block = allocation.stages[int(match.group(1)) - 1].blocks[int(match.group(2))]
+            total += cost * (block[int(match.group(3))] if match.group(3) is not None else sum(block))
+    return int(total)
+
+
+@functools.lru_cache(maxsize=64)
+def _unit_costs(stem_channels, layout, image_hw) -> Tuple[Dict[str, int], Dict[str, int]]:
+    """(multiply-accumulates, parameters) of every module, by name, of the classifier of `layout`
+    with one neuron at every scale and one class, per unit of what `_scaled` multiplies by."""
+    stages = tuple(
+        StageAllocation(name=name, planes=planes, side=side, blocks=((1,) * len(SCALES),) * n)
+        for name, planes, side, n in layout
+    )
+    model = _classifier_shapes(Allocation(name="layout", stem_channels=stem_channels, stages=stages), 1)
+    macs, params = {}, {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            # every weight is used once per output position (conv) or per sample (fc)
+            macs[name] = output.numel() // output.shape[1] * module.weight.numel()
+
+        return hook
+
+    for name, module in model.named_modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if own:
+            params[name] = own
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            module.register_forward_hook(record(name))
+    with torch.no_grad(), plain_forward(model):  # the hooks are on the modules folding bypasses
+        model.eval()(torch.empty(1, 3, *image_hw, device="meta"))
+    per_input = len(SCALES)  # conv3 of the unit network has one input per scale
+    return tuple({n: (c // per_input if n.endswith(".conv3") else c) for n, c in d.items()} for d in (macs, params))
 
 
 # ----------------------------------------------------------------------------- 6. inherited weights
