@@ -74,14 +74,12 @@ def main(argv=None):
     )
     os.makedirs(out)
     print(f"output: {out}", flush=True)
-    for split in (
+    splits = (
         ("synthetic_shapes_tiny_train", "synthetic_shapes_tiny_val")
         if args.quick
-        else (
-            "synthetic_shapes_train",
-            "synthetic_shapes_val",
-        )
-    ):
+        else ("synthetic_shapes_train", "synthetic_shapes_val")
+    )
+    for split in splits:  # generated on first use, then cached
         ensure_split(split)
     opts = (QUICK if args.quick else SCHEDULE) + list(args.opts)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -89,17 +87,15 @@ def main(argv=None):
 
     # 1. the seed detector
     seed_dir = os.path.join(out, "seed")
-    launch = ["--num-gpus", str(args.seed_processes)] if args.seed_processes > 1 else []
+    # a free port: detectron2's default one is the same for every run of this user on the machine
+    launch = ["--num-gpus", str(args.seed_processes), "--dist-url", "auto"] if args.seed_processes > 1 else []
     seed_opts = ["MODEL.SCALENET.NORM", "naiveSyncBN"] if args.seed_processes > 1 else []
     config = os.path.join(SYNTHETIC, "faster_rcnn_Sseed_FPN.yaml")
     run_train_net("seed", config, seed_dir, opts + seed_opts, env, REPO_ROOT, launch_args=launch)
 
     # 2. its allocation at the FLOPs of scalenet_tiny (224x224, as ImageNet allocations are counted)
-    allocation, init = (
-        os.path.join(out, "detection_allocation.json"),
-        os.path.join(out, "detection_allocation_init.pth"),
-    )
-    chart = os.path.join(out, "allocations.png")
+    allocation = os.path.join(out, "detection_allocation.json")
+    init, chart = os.path.join(out, "detection_allocation_init.pth"), os.path.join(out, "allocations.png")
     target = count_flops(load_allocation("scalenet_tiny"), 224, 1000) / 1e9
     cmd = [python, os.path.join(REPO_ROOT, "tools", "allocate.py"), os.path.join(seed_dir, "model_final.pth")]
     cmd += ["--target-gflops", repr(target), "--output", allocation, "--inherit-weights", init]
