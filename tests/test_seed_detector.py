@@ -320,3 +320,47 @@ def test_the_whole_pipeline_through_the_command_lines(env, tmp_path):
     summary = (out / "summary.md").read_text()
     assert "detection_allocation fine-tuned (32 iterations in all)" in summary
     assert (out / "allocations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lsj_seed_lazyconfig_trains_the_sa_scales_with_the_l1_penalty():
+    """The from-scratch LSJ LazyConfig: a seed:50 body in SyncBN with nothing frozen, and an
+    optimizer whose step equals one of torch's SGD on loss + gamma_l1 x sum |gamma|."""
+    from conftest import REPO_ROOT
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.solver import get_default_optimizer_params
+
+    from scalenet_d2.neuron_allocation.detection import SGDWithGammaL1
+
+    cfg = LazyConfig.load(str(REPO_ROOT / "configs/NeuronAllocation/mask_rcnn_Sseed50_FPN_100ep_LSJ.py"))
+    body = instantiate(cfg.model.backbone.bottom_up)
+    assert body.allocation.same_network(seed_allocation(50)) and isinstance(
+        body.res3[0].bn2["2"], torch.nn.SyncBatchNorm
+    )
+    assert all(p.requires_grad for p in body.parameters())  # freeze_at 0: every scale trains
+
+    torch.manual_seed(0)
+    model = ScaleNet("seed:scalenet_tiny", norm="BN", out_features=["res5"])
+    with torch.no_grad():
+        for _, p in sa_gamma_parameters(model):
+            p.uniform_(-1, 1)
+    twin = ScaleNet("seed:scalenet_tiny", norm="BN", out_features=["res5"])
+    twin.load_state_dict(model.state_dict())
+    cfg.optimizer.params.model = model  # as detectron2's lazyconfig_train_net.py does
+    opt = instantiate(cfg.optimizer)
+    assert isinstance(opt, SGDWithGammaL1)
+    penalised = [g for g in opt.param_groups if "gamma_l1" in g]
+    assert {id(p) for g in penalised for p in g["params"]} == {id(p) for _, p in sa_gamma_parameters(model)}
+    reference = torch.optim.SGD(
+        get_default_optimizer_params(twin, weight_decay_norm=0.0), lr=0.1, momentum=0.9, weight_decay=4e-5
+    )
+    x = torch.randn(2, 3, 64, 64)
+    for _ in range(2):  # two steps: momentum carries the penalty's gradient too
+        opt.zero_grad()
+        model(x)["res5"].square().mean().backward()
+        opt.step()
+        reference.zero_grad()
+        l1 = sum(p.abs().sum() for _, p in sa_gamma_parameters(twin))
+        (twin(x)["res5"].square().mean() + 1e-4 * l1).backward()
+        reference.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)

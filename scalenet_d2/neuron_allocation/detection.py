@@ -18,6 +18,8 @@ __all__ = [
     "sa_gamma_parameters",
     "gamma_l1_config_problem",
     "add_gamma_l1",
+    "seed_optimizer_params",
+    "SGDWithGammaL1",
     "gamma_sparsity",
     "GammaSparsity",
 ]
@@ -67,28 +69,60 @@ def gamma_l1_config_problem(cfg):
     return None
 
 
-def add_gamma_l1(optimizer: torch.optim.Optimizer, model: torch.nn.Module, weight: float):
-    """Adds the L1 penalty's gradient, weight x sign(gamma), to the SA scales' gradients before
-    every optimizer step. Returns the torch hook handle."""
+def _trainable_sa_gammas(model: torch.nn.Module, weight: float, key: str) -> List[torch.nn.Parameter]:
     named = sa_gamma_parameters(model)
     trainable = {n for n, _ in named}
     frozen = [f"{n}.weight" for n, _ in _sa_norms(model) if f"{n}.weight" not in trainable]
     if not named or frozen:
         raise ValueError(
-            f"MODEL.SCALENET.GAMMA_L1 {weight}: the model has {len(named)} trainable SA branch norm scales"
+            f"{key} {weight}: the model has {len(named)} trainable SA branch norm scales"
             + (f" and {len(frozen)} frozen ones (first: {frozen[0]})" if frozen else "")
             + "; expected every SA scale (res2..res5 bn2.<branch>.weight) to be a trainable parameter"
         )
-    params = [p for _, p in named]
+    return [p for _, p in named]
 
-    @torch.no_grad()
-    def penalise(optimizer, args, kwargs):
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad.add_(torch.sign(p), alpha=weight)
 
-    return optimizer.register_step_pre_hook(penalise)
+@torch.no_grad()
+def _add_l1_gradient(params, weight: float) -> None:
+    """The gradient of weight x sum |p|: weight x sign(p), added to each p's gradient."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.add_(torch.sign(p), alpha=weight)
+
+
+def add_gamma_l1(optimizer: torch.optim.Optimizer, model: torch.nn.Module, weight: float):
+    """Adds the L1 penalty's gradient, weight x sign(gamma), to the SA scales' gradients before
+    every optimizer step (train_net.py's MODEL.SCALENET.GAMMA_L1). Returns the torch hook handle."""
+    params = _trainable_sa_gammas(model, weight, "MODEL.SCALENET.GAMMA_L1")
+    return optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: _add_l1_gradient(params, weight))
+
+
+def seed_optimizer_params(model: torch.nn.Module, gamma_l1: float, **kwargs) -> List[dict]:
+    """LazyConfigs' optimizer params (for `SGDWithGammaL1`): detectron2's
+    get_default_optimizer_params(model, **kwargs), with the SA branch norms' scales in groups of
+    their own that carry "gamma_l1"."""
+    from detectron2.solver import get_default_optimizer_params
+
+    sa = {id(p) for p in _trainable_sa_gammas(model, gamma_l1, "optimizer.params.gamma_l1")}
+    groups = []
+    for group in get_default_optimizer_params(model, **kwargs):
+        for penalised in (False, True):
+            params = [p for p in group["params"] if (id(p) in sa) == penalised]
+            if params:
+                groups.append(dict(group, params=params, **({"gamma_l1": gamma_l1} if penalised else {})))
+    return groups
+
+
+class SGDWithGammaL1(torch.optim.SGD):
+    """torch's SGD that first adds gamma_l1 x sign(p) to the gradients of the param groups that
+    carry "gamma_l1" (`seed_optimizer_params`): the L1 penalty of seed training, for LazyConfigs."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            if group.get("gamma_l1"):
+                _add_l1_gradient(group["params"], group["gamma_l1"])
+        return super().step(closure)
 
 
 @torch.no_grad()
